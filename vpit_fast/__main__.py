@@ -1,0 +1,53 @@
+"""`python -m vpit_fast info`: what was built and which optional accelerators are importable."""
+
+import argparse
+import importlib.util
+import platform
+import sys
+
+import torch
+
+
+def _importable(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def info():
+    import vpit_fast
+
+    rows = [("vpit_fast", vpit_fast.__version__), ("python", platform.python_version()),
+            ("torch", torch.__version__), ("torch CUDA", str(torch.version.cuda))]
+    try:
+        built = vpit_fast.build_info()
+        rows += [
+            ("extension", "CUDA + CPU" if built["cuda"] else "CPU only"),
+            ("compiled archs", built["cuda_archs"] or "-"),
+            ("compiled against torch", built["torch_version"]),
+        ]
+    except RuntimeError as error:
+        rows.append(("extension", f"NOT BUILT: {error}"))
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    rows.append(("GPUs", ", ".join(gpus) or "none"))
+    # flash_attn's package is importable as flash_attn; apex is NVIDIA's apex (never the PyPI web toolkit).
+    for name in ("flash_attn", "apex", "transformers", "diffusers", "pynvml"):
+        rows.append((name, "importable" if _importable(name) else "not installed"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vpit_fast")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print what was built and which optional packages are importable")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
