@@ -13,11 +13,17 @@ SANITIZE=${SANITIZE:-tests/test_interpolate_tokens.py}
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 step build
-pip install -e . --no-build-isolation --no-deps -v 2>&1 | grep -E "vpit_fast build|error|Error" | tee "$OUT/build.log"
-python3 -m vpit_fast info | tee "$OUT/info.txt" || exit 1
+if ! python3 -m pip install -e . --no-build-isolation --no-deps -v > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+grep -E "\[vpit_fast build\]" "$OUT/build.log"
+python3 -m vpit_fast info | tee "$OUT/info.txt"
 
 step tests
-python3 -m pytest $TESTS -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.log"
+python3 -X faulthandler -m pytest $TESTS -v -rf -p no:cacheprovider > "$OUT/tests.log" 2>&1
+echo "pytest exit: $?"
+grep -E "FAILED|Fatal|Segmentation|passed|failed" "$OUT/tests.log" | tail -25
+grep -B3 "Fatal Python error" "$OUT/tests.log" | head -20
 
 for tool in memcheck racecheck; do
   step "compute-sanitizer $tool"

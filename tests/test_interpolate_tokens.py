@@ -43,7 +43,11 @@ def check_against_float64(x, out_size, in_size, normalize, device):
     assert fwd <= fwd_plain + slack, f"forward error {fwd:.3e} vs plain PyTorch {fwd_plain:.3e}"
     assert bwd <= bwd_plain + slack, f"backward error {bwd:.3e} vs plain PyTorch {bwd_plain:.3e}"
     if x.dtype == torch.float32:
-        assert fwd < 1e-5 and bwd < 1e-5
+        assert fwd < 1e-5
+        # With one channel, normalising gives sign(n), whose gradient is zero analytically; both
+        # implementations leave fp32 cancellation residue there, so only the rule above applies.
+        if not (normalize and x.shape[2] == 1):
+            assert bwd < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,14 +39,42 @@ def info():
         print(f"{key:<{width}}  {value}")
 
 
+def check():
+    """Run every compiled op against its pure-PyTorch reference on fresh random inputs."""
+    import time
+
+    import vpit_fast
+    from vpit_fast.ops import reference
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    failures = 0
+    for device in devices:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(8, 729, 1152, device=device, dtype=dtype)
+            start = time.perf_counter()
+            ours = vpit_fast.interpolate_tokens(x, normalize=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) * 1e3
+            ref = reference.interpolate_tokens(x.double(), (8, 8), (27, 27), True)
+            err = ((ours.double() - ref).norm() / ref.norm()).item()
+            ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
+            failures += not ok
+            print(f"interpolate_tokens  {device:<4} {str(dtype):<15} [8, 729, 1152] -> [8, 64, 1152]  "
+                  f"rel. error {err:.2e}  {ms:7.2f} ms  {'ok' if ok else 'FAILED'}")
+    return 1 if failures else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vpit_fast")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what was built and which optional packages are importable")
+    sub.add_parser("check", help="run the compiled ops against the PyTorch reference")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
-    return 0
+        return 0
+    return check()
 
 
 if __name__ == "__main__":

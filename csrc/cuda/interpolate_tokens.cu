@@ -1,7 +1,8 @@
 // Bilinear token interpolation (align_corners=False) on channels-last tokens, fp32 math.
 //
-// Forward: one warp per output token; each lane moves 16-byte packs of channels, so the four
-// source tokens are read once each and the output is written once (the op's byte floor).
+// Forward: one thread per 16-byte pack of an output token (four independent loads, one store, no
+// loop), so the source tokens are read once each and the output written once (the byte floor).
+// With normalisation one warp owns an output token, to reduce its norm.
 // Backward: one warp per *input* token gathers the few output tokens that touched it, so the
 // input-sized gradient is written exactly once, zeros included, with no atomics and no memset.
 #include "interpolate_tokens.h"
@@ -54,9 +55,26 @@ __device__ __forceinline__ void interpolate_pack(const T* image, const Corners& 
 }
 
 template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+forward_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t packs, int64_t row_packs,
+               int64_t channels, TokenGrid g) {
+  const int64_t pack = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (pack >= packs) return;
+  const int64_t row = pack / row_packs;
+  const int64_t c = (pack - row * row_packs) * VEC;
+  const int out_tokens = g.out_h * g.out_w;
+  const int64_t in_tokens = int64_t(g.in_h) * g.in_w;
+  const T* image = x + (row / out_tokens) * in_tokens * channels;
+  const Corners k = corners_of(int(row % out_tokens), g, channels);
+  float v[VEC];
+  interpolate_pack<T, VEC>(image, k, c, v);
+  store_floats<T, VEC>(out + row * channels + c, v);
+}
+
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-forward_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t channels,
-               TokenGrid g, bool normalize) {
+forward_normalize_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t channels,
+               TokenGrid g) {
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= rows) return;  // uniform per warp
   const int lane = threadIdx.x % 32;
@@ -65,25 +83,21 @@ forward_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64
   const T* image = x + (row / out_tokens) * in_tokens * channels;
   const Corners k = corners_of(int(row % out_tokens), g, channels);
 
-  float denom = 1.f;
-  if (normalize) {
-    float sum_sq = 0.f;
-    for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
-      float v[VEC];
-      interpolate_pack<T, VEC>(image, k, c, v);
+  float sum_sq = 0.f;
+  for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
+    float v[VEC];
+    interpolate_pack<T, VEC>(image, k, c, v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
-    }
-    denom = fmaxf(sqrtf(warp_sum(sum_sq)), kNormEps);
+    for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
   }
+  const float denom = fmaxf(sqrtf(warp_sum(sum_sq)), kNormEps);
+  // Second pass re-reads the four source rows, now from L2.
   T* dst = out + row * channels;
   for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
     float v[VEC];
     interpolate_pack<T, VEC>(image, k, c, v);
-    if (normalize) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) v[i] /= denom;
-    }
+    for (int i = 0; i < VEC; ++i) v[i] /= denom;
     store_floats<T, VEC>(dst + c, v);
   }
 }
@@ -104,22 +118,29 @@ normalize_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ 
   const Corners k = corners_of(int(row % out_tokens), g, channels);
   const T* grad_row = grad_out + row * channels;
 
-  float sum_sq = 0.f, dot = 0.f;
+  float sum_sq = 0.f;
   for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
-    float v[VEC], gr[VEC];
+    float v[VEC];
     interpolate_pack<T, VEC>(image, k, c, v);
-    load_floats<T, VEC>(grad_row + c, gr);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      sum_sq += v[i] * v[i];
-      dot += v[i] * gr[i];
-    }
+    for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
   }
   const float norm = sqrtf(warp_sum(sum_sq));
-  dot = warp_sum(dot);
   const bool above_eps = norm >= kNormEps;
-  const float y_dot_g = above_eps ? dot / norm : 0.f;
   const float denom = above_eps ? norm : kNormEps;
+  // y.g from y = n / denom itself (not n.g / denom): then a single channel, where y = +-1
+  // exactly, gives exactly the zero gradient, as in PyTorch.
+  float y_dot_g = 0.f;
+  if (above_eps) {
+    for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
+      float v[VEC], gr[VEC];
+      interpolate_pack<T, VEC>(image, k, c, v);
+      load_floats<T, VEC>(grad_row + c, gr);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) y_dot_g += (v[i] / denom) * gr[i];
+    }
+    y_dot_g = warp_sum(y_dot_g);
+  }
   float* dst = grad_values + row * channels;
   for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
     float v[VEC], gr[VEC], d[VEC];
@@ -269,8 +290,15 @@ cudaError_t forward_typed(const T* x, T* out, int64_t batch, int64_t channels, T
   const int64_t rows = batch * g.out_h * g.out_w;
   if (rows == 0 || channels == 0) return cudaSuccess;
   dispatch_vec<16 / sizeof(T)>(pick_vec<T>(channels, x, out, nullptr), [&](auto vec) {
-    forward_kernel<T, vec()><<<grid_for(rows), kThreads, 0, stream>>>(x, out, rows, channels, g,
-                                                                      normalize);
+    if (normalize) {
+      forward_normalize_kernel<T, vec()><<<grid_for(rows), kThreads, 0, stream>>>(
+          x, out, rows, channels, g);
+    } else {
+      const int64_t row_packs = channels / vec(), packs = rows * row_packs;
+      const dim3 blocks(static_cast<unsigned>((packs + kThreads - 1) / kThreads));
+      forward_kernel<T, vec()><<<blocks, kThreads, 0, stream>>>(x, out, packs, row_packs,
+                                                                 channels, g);
+    }
   });
   return cudaGetLastError();
 }

@@ -2,22 +2,30 @@
 // Fake (meta) implementations and autograd are registered from Python (vpit_fast/ops/).
 #include <torch/library.h>
 
+#include "head_loss.h"
 #include "interpolate_tokens.h"
 
 TORCH_LIBRARY(vpit_fast, m) {
   m.def("interpolate_tokens(Tensor x, int in_h, int in_w, int out_h, int out_w, bool normalize) -> Tensor");
   m.def("interpolate_tokens_backward(Tensor grad_out, Tensor x, int in_h, int in_w, int out_h, "
         "int out_w, bool normalize) -> Tensor");
+  m.def("head_loss(Tensor hidden, Tensor lm_weight, Tensor labels, Tensor visual_rows, "
+        "Tensor visual_targets, Tensor[] vision_params, float text_weight, float visual_weight, "
+        "int ignore_index, bool sum_reduction, int max_chunk_bytes, bool need_grads) -> "
+        "(Tensor losses, Tensor counts, Tensor grad_hidden, Tensor grad_lm_weight, "
+        "Tensor[] grad_vision_params)");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("interpolate_tokens", &vpit::interpolate_tokens_cpu);
   m.impl("interpolate_tokens_backward", &vpit::interpolate_tokens_backward_cpu);
+  m.impl("head_loss", &vpit::head_loss);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("interpolate_tokens", &vpit::interpolate_tokens_cuda);
   m.impl("interpolate_tokens_backward", &vpit::interpolate_tokens_backward_cuda);
+  m.impl("head_loss", &vpit::head_loss);  // shared orchestration; CUDA row passes inside
 }
 #endif

@@ -1,0 +1,175 @@
+"""The fused response-only heads and loss of VPiT: cross-entropy through the LM head on text rows
+plus cosine loss through the vision head on visual rows, with every gradient computed in the
+forward pass (chunked, never materialising all logits) so backward only scales."""
+
+import torch
+from torch import nn
+
+from vpit_fast import _extension
+from vpit_fast.ops import reference
+from vpit_fast.ops.types import HeadLoss
+
+_OP = "vpit_fast::head_loss"
+DEFAULT_MAX_CHUNK_BYTES = 512 << 20
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+if _extension._C is not None:
+
+    @torch.library.register_fake(_OP)
+    def _(hidden, lm_weight, labels, visual_rows, visual_targets, vision_params, text_weight,
+          visual_weight, ignore_index, sum_reduction, max_chunk_bytes, need_grads):
+        losses = hidden.new_empty((3,), dtype=torch.float32)
+        counts = hidden.new_empty((2,), dtype=torch.int64)
+        if not need_grads:
+            return losses, counts, hidden.new_empty((0,)), hidden.new_empty((0,)), []
+        return (losses, counts, torch.empty_like(hidden), torch.empty_like(lm_weight),
+                [torch.empty_like(p, dtype=torch.float32) for p in vision_params])
+
+    def _setup_context(ctx, inputs, output):
+        _, _, grad_hidden, grad_lm, grad_vision = output
+        ctx.vision_dtypes = [p.dtype for p in inputs[5]]
+        ctx.save_for_backward(grad_hidden, grad_lm, *grad_vision)
+
+    def _backward(ctx, grad_losses, grad_counts, *unused):
+        # Only the total loss (losses[0]) carries gradients; the parts are diagnostics.
+        grad_hidden, grad_lm, *grad_vision = ctx.saved_tensors
+        if grad_hidden.numel() == 0 and grad_lm.numel() == 0:
+            return (None,) * 12
+        scale = grad_losses[0]
+        return (grad_hidden * scale.to(grad_hidden.dtype), grad_lm * scale.to(grad_lm.dtype),
+                None, None, None,
+                [(g * scale).to(dtype) for g, dtype in zip(grad_vision, ctx.vision_dtypes)],
+                None, None, None, None, None, None)
+
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+
+def vision_head_params(vision_head):
+    """The parameters of a vision head in the op's order: [weight, bias] for ``nn.Linear``,
+    [w1, b1, w2, b2] for ``nn.Sequential(nn.Linear, nn.GELU(), nn.Linear)``. A missing bias
+    becomes a zero tensor (its gradient is dropped)."""
+
+    def linear(layer):
+        bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+        return [layer.weight, bias]
+
+    if isinstance(vision_head, nn.Linear):
+        return linear(vision_head)
+    if (isinstance(vision_head, nn.Sequential) and len(vision_head) == 3
+            and isinstance(vision_head[0], nn.Linear) and isinstance(vision_head[2], nn.Linear)
+            and isinstance(vision_head[1], nn.GELU) and vision_head[1].approximate == "none"):
+        return linear(vision_head[0]) + linear(vision_head[2])
+    raise ValueError(
+        "vision_head must be nn.Linear(H, Dv) or nn.Sequential(nn.Linear(H, H2), nn.GELU(), "
+        f"nn.Linear(H2, Dv)), got {type(vision_head).__name__}")
+
+
+def _check(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, reduction, impl):
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f'reduction must be "mean" or "sum", got {reduction!r}')
+    if impl not in ("auto", "torch"):
+        raise ValueError(f'impl must be "auto" or "torch", got {impl!r}')
+    for name, t in (("hidden", hidden), ("lm_weight", lm_weight), ("labels", labels),
+                    ("visual_rows", visual_rows), ("visual_targets", visual_targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [rows, hidden_size], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    n, h = hidden.shape
+    params = vision_head_params(vision_head)
+    checks = [("lm_weight", lm_weight), ("visual_targets", visual_targets)]
+    checks += [("vision_head", p) for p in params]
+    for name, t in checks:
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} is {t.dtype} but hidden is {hidden.dtype}")
+    for name, t in checks + [("labels", labels), ("visual_rows", visual_rows)]:
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if lm_weight.dim() != 2 or lm_weight.shape[1] != h or lm_weight.shape[0] == 0:
+        raise ValueError(f"lm_weight must be [vocab, {h}], got shape {tuple(lm_weight.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != n or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 [{n}], got {labels.dtype} of shape {tuple(labels.shape)}")
+    if visual_rows.dim() != 1 or visual_rows.dtype != torch.int64:
+        raise ValueError(f"visual_rows must be 1-D int64, got {visual_rows.dtype} of shape "
+                         f"{tuple(visual_rows.shape)}")
+    if params[0].shape[1] != h:
+        raise ValueError(f"vision_head takes {params[0].shape[1]} features but hidden has {h}")
+    dv = params[-1].shape[0]
+    if visual_targets.dim() != 2 or visual_targets.shape[1] != dv:
+        raise ValueError(f"visual_targets must be [visual rows, {dv}], got shape {tuple(visual_targets.shape)}")
+    if visual_targets.shape[0] != visual_rows.shape[0]:
+        raise ValueError(f"visual_targets has {visual_targets.shape[0]} rows but visual_rows lists "
+                         f"{visual_rows.shape[0]}")
+    return params
+
+
+def _check_indices(labels, visual_rows, n, vocab, ignore_index):
+    """The data-dependent checks, for impl="torch" (the compiled op makes them itself)."""
+    is_text = labels != ignore_index
+    if bool((is_text & ((labels < 0) | (labels >= vocab))).any()):
+        raise ValueError(f"labels holds values outside [0, {vocab}) that are not ignore_index ({ignore_index})")
+    if visual_rows.numel():
+        if bool(((visual_rows < 0) | (visual_rows >= n)).any()):
+            raise ValueError(f"visual_rows holds indices outside [0, {n})")
+        if visual_rows.unique().numel() != visual_rows.numel():
+            raise ValueError("visual_rows lists a row more than once")
+        if bool(is_text[visual_rows].any()):
+            raise ValueError("a row is both in visual_rows and has a text target in labels; a row has "
+                             "at most one target (set its label to ignore_index)")
+
+
+def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, *,
+              text_weight=1.0, visual_weight=1.0, ignore_index=-100, reduction="mean",
+              impl="auto", max_chunk_bytes=None):
+    """Response-only VPiT loss: LM head + cross-entropy on text rows, vision head + cosine on
+    visual rows, fused so that prompt rows cost nothing and the logits never exist for all rows.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states, already aligned with their targets (row i
+            predicts the target of row i: the caller shifts). fp32, bf16 or fp16.
+        lm_weight: ``[V, H]`` LM-head weight, hidden's dtype.
+        labels: ``[N]`` int64: row i's text target in [0, V), or ``ignore_index``.
+        visual_rows: ``[Nv]`` int64: the rows whose target is a visual token (distinct, none with
+            a text label).
+        visual_targets: ``[Nv, Dv]`` target visual tokens, in visual_rows' order, hidden's dtype.
+        vision_head: ``nn.Linear(H, Dv)`` or ``nn.Sequential(nn.Linear(H, H2), nn.GELU(),
+            nn.Linear(H2, Dv))``.
+        text_weight, visual_weight: loss = text_weight * text + visual_weight * visual.
+        reduction: ``"mean"`` (each part averaged over its rows) or ``"sum"`` (for normalising
+            by global token counts across ranks and micro-batches).
+        impl: ``"auto"`` (compiled CPU/CUDA op) or ``"torch"`` (the plain-PyTorch reference).
+        max_chunk_bytes: bound on the logits buffer (default 512 MiB).
+
+    Returns:
+        `HeadLoss(loss, text_loss, visual_loss, text_count, visual_count)`: float32 scalars and
+        int64 counts on hidden's device. Only ``loss`` carries gradients (to hidden, lm_weight and
+        the vision head). An empty modality contributes exactly 0 and zero gradients.
+    """
+    params = _check(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, reduction, impl)
+    if impl == "torch":
+        _check_indices(labels, visual_rows, hidden.shape[0], lm_weight.shape[0], ignore_index)
+        return reference.head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head,
+                                   text_weight, visual_weight, ignore_index, reduction)
+    if hidden.device.type not in ("cpu", "cuda"):
+        raise ValueError(f'hidden is on {hidden.device}; the compiled op runs on cpu and cuda: use impl="torch"')
+    _extension.extension()
+    tensors = [hidden, lm_weight, *params]
+    need_grads = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    chunk = DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+    if chunk <= 0:
+        raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
+    args = (hidden, lm_weight, labels, visual_rows, visual_targets, params, float(text_weight),
+            float(visual_weight), int(ignore_index), reduction == "sum", chunk, need_grads)
+    if torch.compiler.is_compiling():
+        losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
+    else:
+        try:
+            losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
+        except RuntimeError as error:  # the op's own index checks: bad values, not a failure
+            message = str(error).split("\n")[0]
+            if message.startswith("vpit_fast.head_loss: "):
+                raise ValueError(message[len("vpit_fast.head_loss: "):]) from None
+            raise
+    return HeadLoss(losses[0], losses[1].detach(), losses[2].detach(), counts[0], counts[1])
