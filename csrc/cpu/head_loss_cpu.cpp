@@ -14,11 +14,11 @@ void cross_entropy_rows(float* logits, int64_t ld, int64_t vocab, const int64_t*
     const float max = *std::max_element(z, z + vocab);
     double sum = 0.0;
     for (int64_t j = 0; j < vocab; ++j) sum += std::exp(double(z[j]) - max);
-    const double lse = max + std::log(sum);
+    const double log_sum = std::log(sum);
     const int64_t target = targets[r];
-    row_loss[r] = static_cast<float>(lse - z[target]);
+    row_loss[r] = static_cast<float>((double(max) - z[target]) + log_sum);
     for (int64_t j = 0; j < vocab; ++j) {
-      z[j] = grad_scale * static_cast<float>(std::exp(double(z[j]) - lse));
+      z[j] = grad_scale * static_cast<float>(std::exp((double(z[j]) - max) - log_sum));
     }
     z[target] -= grad_scale;
   }

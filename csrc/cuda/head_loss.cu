@@ -16,17 +16,17 @@ constexpr float kCosineEps = 1e-8f;
 // Merge two (max, sum of exp(z - max)) pairs.
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   const float mx = fmaxf(m, m2);
-  s = (m == -FLT_MAX ? 0.f : s * __expf(m - mx)) + (m2 == -FLT_MAX ? 0.f : s2 * __expf(m2 - mx));
+  s = (m == -FLT_MAX ? 0.f : s * expf(m - mx)) + (m2 == -FLT_MAX ? 0.f : s2 * expf(m2 - mx));
   m = mx;
 }
 
 // Add one logit to a running (max, sum of exp(z - max)): one exp per element.
 __device__ __forceinline__ void accumulate(float& m, float& s, float v) {
   if (v > m) {
-    s = s * __expf(m - v) + 1.f;
+    s = s * expf(m - v) + 1.f;
     m = v;
   } else {
-    s += __expf(v - m);
+    s += expf(v - m);
   }
 }
 
@@ -36,7 +36,7 @@ cross_entropy_kernel(T* __restrict__ logits, int64_t ld, int64_t vocab,
                      const int64_t* __restrict__ targets, float grad_scale,
                      float* __restrict__ row_loss) {
   __shared__ float shared_m[kRowThreads / 32], shared_s[kRowThreads / 32];
-  __shared__ float shared_lse, shared_target;
+  __shared__ float shared_max, shared_log_sum;
   T* z = logits + int64_t(blockIdx.x) * ld;
   const int64_t target = targets[blockIdx.x];
   const int64_t packs = vocab / VEC;
@@ -60,7 +60,6 @@ cross_entropy_kernel(T* __restrict__ logits, int64_t ld, int64_t vocab,
     shared_m[warp] = m;
     shared_s[warp] = s;
   }
-  if (threadIdx.x == 0) shared_target = Float<T>::load(z[target]);  // before it is overwritten
   __syncthreads();
   if (warp == 0) {
     m = lane < kRowThreads / 32 ? shared_m[lane] : -FLT_MAX;
@@ -70,24 +69,26 @@ cross_entropy_kernel(T* __restrict__ logits, int64_t ld, int64_t vocab,
       merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
     }
     if (lane == 0) {
-      shared_lse = m + logf(s);
-      row_loss[blockIdx.x] = shared_lse - shared_target;
+      // (max - z_t) + log(sum) keeps the digits that lse - z_t would cancel for large logits.
+      shared_max = m;
+      shared_log_sum = logf(s);
+      row_loss[blockIdx.x] = (m - Float<T>::load(z[target])) + shared_log_sum;
     }
   }
-  __syncthreads();
-  const float lse = shared_lse;
+  __syncthreads();  // every thread has read its logits; z[target] was read above
+  const float max = shared_max, log_sum = shared_log_sum;
   for (int64_t p = threadIdx.x; p < packs; p += kRowThreads) {
     float v[VEC];
     load_floats<T, VEC>(z + p * VEC, v);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      v[i] = grad_scale * (__expf(v[i] - lse) - (p * VEC + i == target ? 1.f : 0.f));
+      v[i] = grad_scale * (expf((v[i] - max) - log_sum) - (p * VEC + i == target ? 1.f : 0.f));
     }
     store_floats<T, VEC>(z + p * VEC, v);
   }
   for (int64_t j = packs * VEC + threadIdx.x; j < vocab; j += kRowThreads) {
     const float v = Float<T>::load(z[j]);
-    z[j] = Float<T>::store(grad_scale * (__expf(v - lse) - (j == target ? 1.f : 0.f)));
+    z[j] = Float<T>::store(grad_scale * (expf((v - max) - log_sum) - (j == target ? 1.f : 0.f)));
   }
 }
 
