@@ -53,14 +53,31 @@ def peak_extra_bytes(fn):
     return torch.cuda.max_memory_allocated() - before
 
 
-def measure(benchmark, fn, warmup=5, reps=50, **extra):
-    """Time fn under pytest-benchmark and, on CUDA, with events; returns the median in ms."""
+def graph_replay(fn, calls):
+    """fn captured in a CUDA graph `calls` times in a row (e.g. once per rotating input set), for
+    timing the GPU work of ops whose host-side dispatch is slower than their kernels."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
+def measure(benchmark, fn, warmup=5, reps=50, calls_per_run=1, **extra):
+    """Time fn under pytest-benchmark and, on CUDA, with events; returns the median in ms of one
+    call (fn may make `calls_per_run` calls, e.g. a graph replay)."""
     info = benchmark.extra_info
     info.update(device_record())
     info.update(extra)
     if HAS_CUDA:
         times = cuda_event_times(fn, warmup, reps)
-        median = statistics.median(times)
+        median = statistics.median(times) / calls_per_run
         info["cuda_event_median_ms"] = median
 
         def synced():

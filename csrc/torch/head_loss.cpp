@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../cpu/head_loss_cpu.h"
 #include "checks.h"
@@ -166,28 +167,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const int64_t row_bytes = padded * int64_t(c10::elementSize(math));
     const int64_t chunk = std::clamp<int64_t>(max_chunk_bytes / row_bytes, 1, n_text);
     at::Tensor buffer = at::empty({chunk, padded}, hidden.options().dtype(math));
+    // The vocabulary splits into a 128-aligned part and a tail of under 128 rows: with M = V not
+    // a multiple of 8 (LLaMA-3's 128258) cuBLAS falls back to Ampere "align2" kernels, 2.7x
+    // slower on the H100 than the Hopper kernels it picks for the aligned part.
+    const int64_t main_v = vocab / kVocabAlign * kVocabAlign;
+    const std::vector<std::pair<int64_t, int64_t>> parts =
+        main_v == 0 || main_v == vocab
+            ? std::vector<std::pair<int64_t, int64_t>>{{0, vocab}}
+            : std::vector<std::pair<int64_t, int64_t>>{{0, main_v}, {main_v, vocab - main_v}};
     const bool fp32_accumulator =
         math == at::kFloat || vocab * h * int64_t(sizeof(float)) <= kFp32AccumulatorBytes;
-    at::Tensor grad_w;
-    if (need_grads) grad_w = at::zeros({vocab, h}, f32.dtype(fp32_accumulator ? at::kFloat : math));
+    at::Tensor grad_w;  // every row is written by the first chunk's GEMM (beta = 0): no zero fill
+    if (need_grads) grad_w = at::empty({vocab, h}, f32.dtype(fp32_accumulator ? at::kFloat : math));
     at::Tensor row_loss = at::empty({n_text}, f32);
     for (int64_t start = 0; start < n_text; start += chunk) {
       const int64_t rows = std::min(chunk, n_text - start);
       const at::Tensor index = text_rows.narrow(0, start, rows);
       const at::Tensor h_rows = hidden.index_select(0, index).to(math);
-      at::Tensor logits = buffer.narrow(0, 0, rows).narrow(1, 0, vocab);
-      at::mm_out(logits, h_rows, lm_weight.t());
+      const at::Tensor block = buffer.narrow(0, 0, rows);
+      for (const auto& [first, count] : parts) {
+        at::Tensor logits = block.narrow(1, first, count);
+        at::mm_out(logits, h_rows, lm_weight.narrow(0, first, count).t());
+      }
+      at::Tensor logits = block.narrow(1, 0, vocab);
       at::Tensor chunk_loss = row_loss.narrow(0, start, rows);
       cross_entropy_rows(logits, targets.narrow(0, start, rows), need_grads ? scale : 0.0,
                          chunk_loss);
       if (!need_grads) continue;
-      // logits now hold the gradient of the loss with respect to the logits.
-      grad_hidden.index_copy_(0, index, logits.mm(lm_weight).to(hidden.scalar_type()));
-      if (grad_w.scalar_type() == math) {
-        grad_w.addmm_(logits.t(), h_rows);
-      } else {  // bf16/fp16 operands, fp32 accumulator (cuBLAS with beta = 1)
-        at::addmm_out(grad_w, grad_w, logits.t(), h_rows, at::kFloat, 1, 1);
+      // The logits now hold the gradient of the loss with respect to the logits.
+      at::Tensor grad_rows;
+      for (const auto& [first, count] : parts) {
+        const at::Tensor g = block.narrow(1, first, count);
+        const at::Tensor w = lm_weight.narrow(0, first, count);
+        grad_rows = grad_rows.defined() ? grad_rows.addmm_(g, w) : g.mm(w);
+        at::Tensor gw = grad_w.narrow(0, first, count);
+        const int beta = start == 0 ? 0 : 1;
+        if (gw.scalar_type() == math) {
+          gw.addmm_(g.t(), h_rows, beta);
+        } else {  // bf16/fp16 operands, fp32 accumulator
+          at::addmm_out(gw, gw, g.t(), h_rows, at::kFloat, beta, 1);
+        }
       }
+      grad_hidden.index_copy_(0, index, grad_rows.to(hidden.scalar_type()));
     }
     text_sum = row_loss.sum();
     if (need_grads) grad_lm = grad_w.to(lm_weight_in.scalar_type());

@@ -4,6 +4,7 @@
 
 #include "head_loss.h"
 #include "interpolate_tokens.h"
+#include "scale_inplace.h"
 
 TORCH_LIBRARY(vpit_fast, m) {
   m.def("interpolate_tokens(Tensor x, int in_h, int in_w, int out_h, int out_w, bool normalize) -> Tensor");
@@ -14,12 +15,14 @@ TORCH_LIBRARY(vpit_fast, m) {
         "int ignore_index, bool sum_reduction, int max_chunk_bytes, bool need_grads) -> "
         "(Tensor losses, Tensor counts, Tensor grad_hidden, Tensor grad_lm_weight, "
         "Tensor[] grad_vision_params)");
+  m.def("scale_(Tensor(a!) t, Tensor factor) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("interpolate_tokens", &vpit::interpolate_tokens_cpu);
   m.impl("interpolate_tokens_backward", &vpit::interpolate_tokens_backward_cpu);
   m.impl("head_loss", &vpit::head_loss);
+  m.impl("scale_", &vpit::scale_inplace_cpu);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
@@ -27,5 +30,6 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("interpolate_tokens", &vpit::interpolate_tokens_cuda);
   m.impl("interpolate_tokens_backward", &vpit::interpolate_tokens_backward_cuda);
   m.impl("head_loss", &vpit::head_loss);  // shared orchestration; CUDA row passes inside
+  m.impl("scale_", &vpit::scale_inplace_cuda);
 }
 #endif

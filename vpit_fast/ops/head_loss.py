@@ -25,19 +25,27 @@ if _extension._C is not None:
         return (losses, counts, torch.empty_like(hidden), torch.empty_like(lm_weight),
                 [torch.empty_like(p, dtype=torch.float32) for p in vision_params])
 
+    @torch.library.register_fake("vpit_fast::scale_")
+    def _(t, factor):
+        return None
+
     def _setup_context(ctx, inputs, output):
         _, _, grad_hidden, grad_lm, grad_vision = output
         ctx.vision_dtypes = [p.dtype for p in inputs[5]]
         ctx.save_for_backward(grad_hidden, grad_lm, *grad_vision)
 
     def _backward(ctx, grad_losses, grad_counts, *unused):
-        # Only the total loss (losses[0]) carries gradients; the parts are diagnostics.
+        # Only the total loss (losses[0]) carries gradients; the parts are diagnostics. The saved
+        # gradients are scaled in place (no second copy of the LM-head gradient); a second
+        # backward through the same graph is refused by autograd's version check.
         grad_hidden, grad_lm, *grad_vision = ctx.saved_tensors
         if grad_hidden.numel() == 0 and grad_lm.numel() == 0:
             return (None,) * 12
-        scale = grad_losses[0]
-        return (grad_hidden * scale.to(grad_hidden.dtype), grad_lm * scale.to(grad_lm.dtype),
-                None, None, None,
+        scale = grad_losses[0].float().reshape(1)
+        # In place, and skipped on the device when the incoming gradient is 1 (loss.backward()).
+        torch.ops.vpit_fast.scale_(grad_hidden, scale)
+        torch.ops.vpit_fast.scale_(grad_lm, scale)
+        return (grad_hidden, grad_lm, None, None, None,
                 [(g * scale).to(dtype) for g, dtype in zip(grad_vision, ctx.vision_dtypes)],
                 None, None, None, None, None, None)
 
