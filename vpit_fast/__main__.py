@@ -62,7 +62,42 @@ def check():
             failures += not ok
             print(f"interpolate_tokens  {device:<4} {str(dtype):<15} [8, 729, 1152] -> [8, 64, 1152]  "
                   f"rel. error {err:.2e}  {ms:7.2f} ms  {'ok' if ok else 'FAILED'}")
+        failures += _check_head_loss(device)
     return 1 if failures else 0
+
+
+def _check_head_loss(device):
+    """One fused head-loss forward + backward against the float64 reference; returns 1 on failure."""
+    import copy
+    import time
+
+    import vpit_fast
+    from torch import nn
+    from vpit_fast.ops import reference
+
+    n, h, v, dv = 1024, 256, 32002, 64
+    hidden = torch.randn(n, h, device=device, requires_grad=True)
+    lm_weight = (torch.randn(v, h, device=device) * 0.05).requires_grad_()
+    labels = torch.full((n,), -100, device=device)
+    rows = torch.randperm(n, device=device)
+    labels[rows[:400]] = torch.randint(0, v, (400,), device=device)
+    visual_rows, targets = rows[400:560].contiguous(), torch.randn(160, dv, device=device)
+    head = nn.Linear(h, dv).to(device)
+    start = time.perf_counter()
+    out = vpit_fast.head_loss(hidden, lm_weight, labels, visual_rows, targets, head)
+    out.loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) * 1e3
+    h64, w64 = hidden.detach().double().requires_grad_(), lm_weight.detach().double().requires_grad_()
+    ref = reference.head_loss(h64, w64, labels, visual_rows, targets.double(), copy.deepcopy(head).double())
+    ref.loss.backward()
+    errors = [abs(out.loss.item() - ref.loss.item()) / abs(ref.loss.item())]
+    errors += [((a.grad.double() - b.grad).norm() / b.grad.norm()).item() for a, b in ((hidden, h64), (lm_weight, w64))]
+    ok = max(errors) < 1e-4
+    print(f"head_loss           {device:<4} torch.float32   N {n} H {h} V {v} Dv {dv}        "
+          f"rel. error {max(errors):.2e}  {ms:7.2f} ms  {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
 
 
 def main(argv=None):
