@@ -54,6 +54,20 @@ __device__ __forceinline__ void interpolate_pack(const T* image, const Corners& 
   }
 }
 
+// Squared L2 norm of one interpolated output token, reduced over the warp (every lane gets it).
+template <typename T, int VEC>
+__device__ __forceinline__ float row_sum_squares(const T* image, const Corners& k,
+                                                 int64_t channels, int lane) {
+  float sum_sq = 0.f;
+  for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
+    float v[VEC];
+    interpolate_pack<T, VEC>(image, k, c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
+  }
+  return warp_sum(sum_sq);
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t packs, int64_t row_packs,
@@ -83,14 +97,8 @@ forward_normalize_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t r
   const T* image = x + (row / out_tokens) * in_tokens * channels;
   const Corners k = corners_of(int(row % out_tokens), g, channels);
 
-  float sum_sq = 0.f;
-  for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
-    float v[VEC];
-    interpolate_pack<T, VEC>(image, k, c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
-  }
-  const float denom = fmaxf(sqrtf(warp_sum(sum_sq)), kNormEps);
+  const float sum_sq = row_sum_squares<T, VEC>(image, k, channels, lane);
+  const float denom = fmaxf(sqrtf(sum_sq), kNormEps);
   // Second pass re-reads the four source rows, now from L2.
   T* dst = out + row * channels;
   for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
@@ -118,14 +126,8 @@ normalize_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ 
   const Corners k = corners_of(int(row % out_tokens), g, channels);
   const T* grad_row = grad_out + row * channels;
 
-  float sum_sq = 0.f;
-  for (int64_t c = int64_t(lane) * VEC; c < channels; c += 32 * VEC) {
-    float v[VEC];
-    interpolate_pack<T, VEC>(image, k, c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
-  }
-  const float norm = sqrtf(warp_sum(sum_sq));
+  const float sum_sq = row_sum_squares<T, VEC>(image, k, channels, lane);
+  const float norm = sqrtf(sum_sq);
   const bool above_eps = norm >= kNormEps;
   const float denom = above_eps ? norm : kNormEps;
   // y.g from y = n / denom itself (not n.g / denom): then a single channel, where y = +-1
