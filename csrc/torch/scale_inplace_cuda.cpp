@@ -7,8 +7,6 @@
 
 namespace vpit {
 
-void check_scale_args(const at::Tensor& t, const at::Tensor& factor);
-
 void scale_inplace_cuda(at::Tensor& t, const at::Tensor& factor) {
   check_scale_args(t, factor);
   const cudaError_t err = cuda::scale_inplace(t.data_ptr(), cuda_dtype(t), t.numel(),
