@@ -180,4 +180,7 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
             if message.startswith("vpit_fast.head_loss: "):
                 raise ValueError(message[len("vpit_fast.head_loss: "):]) from None
             raise
-    return HeadLoss(losses[0], losses[1].detach(), losses[2].detach(), counts[0], counts[1])
+    # Separate tensors, not views of `losses`: FSDP2 warns that an in-place op on a returned view
+    # would skip its pre-backward hook.
+    total, text, visual = (t.clone() for t in losses.unbind())
+    return HeadLoss(total, text.detach(), visual.detach(), counts[0].clone(), counts[1].clone())
