@@ -1,0 +1,138 @@
+"""VisualTokens: a tiny SigLIP tower saved and loaded through transformers' real loading code,
+compared with the official MetaMorph computation (hidden_states[layer] -> the pure-PyTorch
+interpolation reference); frozen-ness, image encoding, precomputed shards, bad input."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from transformers import SiglipVisionModel
+
+from vpit_fast.data.shapes import ShapesDataset
+from vpit_fast.ops import reference
+from vpit_fast.visual_tokens import VisualTokens, load_precomputed, tiny_siglip_config
+
+
+@pytest.fixture(scope="module")
+def tower_dir(tmp_path_factory):
+    """A tiny tower (27x27 patch grid) and a SigLIP image processor saved with save_pretrained."""
+    path = tmp_path_factory.mktemp("tiny_siglip")
+    torch.manual_seed(0)
+    SiglipVisionModel(tiny_siglip_config()).save_pretrained(path)
+    VisualTokens.from_config(tiny_siglip_config()).processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return ShapesDataset(size=8, image_size=108)
+
+
+def official(model, pixel_values, layer=-2, out_size=(8, 8), normalize=False):
+    """The MetaMorph path, written out: penultimate (or chosen) hidden states -> 27x27 grid ->
+    bilinear resampling in fp32 (the pure-PyTorch reference)."""
+    with torch.no_grad():
+        hidden = model(pixel_values, output_hidden_states=True).hidden_states[layer]
+    return reference.interpolate_tokens(hidden, out_size, (27, 27), normalize)
+
+
+@pytest.mark.parametrize("layer, out_size, normalize", [
+    (-2, (8, 8), False), (-2, (8, 8), True), (-1, (8, 8), False), (-2, (16, 16), True), (0, (8, 8), False)])
+def test_matches_official_path(tower_dir, layer, out_size, normalize):
+    tokens = VisualTokens.from_pretrained(tower_dir, layer=layer, out_size=out_size, normalize=normalize)
+    manual = SiglipVisionModel.from_pretrained(tower_dir).eval()
+    pixel_values = torch.randn(3, 3, 108, 108)
+    out = tokens(pixel_values)
+    assert out.shape == (3, out_size[0] * out_size[1], 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out, official(manual, pixel_values, layer, out_size, normalize), atol=1e-5, rtol=1e-5)
+    if normalize:
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(3, out.shape[1]))
+    assert (tokens.hidden_size, tokens.num_tokens) == (32, out_size[0] * out_size[1])
+    assert tokens.in_grid == (27, 27) and tokens.out_grid == out_size
+
+
+def test_loaded_processor_and_bf16(tower_dir):
+    tokens = VisualTokens.from_pretrained(tower_dir, dtype=torch.bfloat16)
+    assert tokens.processor.size["height"] == 108
+    out = tokens(torch.randn(2, 3, 108, 108))  # fp32 input is cast to the tower's dtype
+    assert out.shape == (2, 64, 32) and out.dtype == torch.bfloat16
+
+
+def test_processor_built_when_missing(tmp_path):
+    SiglipVisionModel(tiny_siglip_config()).save_pretrained(tmp_path)  # no preprocessor_config.json
+    tokens = VisualTokens.from_pretrained(str(tmp_path))
+    assert tokens.processor.size == {"height": 108, "width": 108}
+
+
+def test_frozen(tower_dir):
+    tokens = VisualTokens.from_pretrained(tower_dir)
+    parent = torch.nn.Sequential(tokens, torch.nn.Linear(32, 4))
+    parent.train()
+    assert not any(p.requires_grad for p in tokens.parameters())
+    assert not any(m.training for m in tokens.tower.modules())
+    out = tokens(torch.randn(2, 3, 108, 108))
+    assert not out.requires_grad and out.grad_fn is None
+    # The tokens still feed a trainable module's backward (no_grad, not inference_mode).
+    parent[1](out).sum().backward()
+    assert parent[1].weight.grad is not None
+
+
+def test_encode_images_matches_manual(tower_dir, dataset):
+    tokens = VisualTokens.from_pretrained(tower_dir)
+    images = [dataset.image(k) for k in dataset.image_keys()[:5]]
+    out = tokens.encode_images(images, batch_size=2)  # batches of 2, 2, 1
+    pixel_values = tokens.processor(images=images, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (5, 3, 108, 108)
+    expected = official(SiglipVisionModel.from_pretrained(tower_dir).eval(), pixel_values)
+    assert out.shape == (5, 64, 32) and out.device.type == "cpu"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert tokens.encode_images([]).shape == (0, 64, 32)
+
+
+def test_precompute_round_trip(tower_dir, dataset, tmp_path):
+    tokens = VisualTokens.from_pretrained(tower_dir, normalize=True)
+    keys = dataset.image_keys()[:7]
+    store = tokens.precompute(keys, dataset.image, tmp_path, shard_size=4, batch_size=3, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["index.json", "tokens-00000.safetensors", "tokens-00001.safetensors"]
+
+    loaded = load_precomputed(tmp_path)
+    assert len(loaded) == 7 and list(loaded.keys()) == keys and keys[6] in loaded
+    expected = tokens.encode_images([dataset.image(k) for k in keys])
+    for i, key in enumerate(keys):
+        assert loaded[key].shape == (64, 32)
+        torch.testing.assert_close(loaded[key], expected[i])
+    with pytest.raises(KeyError):
+        loaded["no-such-key"]
+
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["keys"][keys[5]] == [1, 1]
+    assert (index["name_or_path"], index["layer"], index["normalize"]) == (tower_dir, -2, True)
+    assert index["in_grid"] == [27, 27] and index["out_grid"] == [8, 8] and index["dtype"] == "float32"
+    assert index["config"]["hidden_size"] == 32 and index["config"]["patch_size"] == 4
+    assert (loaded.layer, loaded.out_grid, loaded.normalize, loaded.num_tokens) == (-2, (8, 8), True, 64)
+
+    # Picklable for DataLoader workers: the copy reopens the shards.
+    torch.testing.assert_close(pickle.loads(pickle.dumps(loaded))[keys[6]], expected[6])
+
+
+@pytest.mark.parametrize("shape", [(3, 108, 108), (2, 3, 108, 108, 1), (2, 1, 108, 108), (2, 4, 108, 108),
+                                   (2, 3, 96, 96)])
+def test_bad_pixel_values(shape):
+    tokens = VisualTokens.from_config(tiny_siglip_config())
+    with pytest.raises(ValueError, match="pixel_values"):
+        tokens(torch.randn(shape))
+
+
+@pytest.mark.parametrize("layer", [3, -4, 1.5])
+def test_bad_layer(layer):
+    # 2 layers: hidden_states holds 3 entries, so valid indices are -3..2.
+    with pytest.raises(ValueError, match="layer"):
+        VisualTokens.from_config(tiny_siglip_config(), layer=layer)
+
+
+def test_bad_precompute_keys(tmp_path):
+    tokens = VisualTokens.from_config(tiny_siglip_config())
+    with pytest.raises(ValueError, match="distinct"):
+        tokens.precompute(["a", "a"], None, tmp_path, progress=False)
