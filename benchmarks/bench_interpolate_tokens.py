@@ -6,6 +6,8 @@ interpolation as one batched GEMM with a constant [64, 729] weight matrix. Bandw
 bytes each op must move: the input tokens the bilinear taps read plus the output (forward); the
 output gradient plus the whole input-sized gradient (backward)."""
 
+import statistics
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 import vpit_fast
 from vpit_fast.kernels_info import bilinear_source_tokens
 
-from conftest import H100_COPY_BYTES_PER_S, graph_replay, measure, requires_cuda
+from conftest import H100_COPY_BYTES_PER_S, cuda_event_times, graph_replay, measure, requires_cuda
 
 IN, OUT = (27, 27), (8, 8)
 CHANNELS = 1152
@@ -82,9 +84,7 @@ def graphed(fn, inputs):
 
 
 def measure_graph(replay, calls, reps):
-    from conftest import cuda_event_times
-    import statistics
-
+    """Median ms of one call inside a graph that replays `calls` calls."""
     return statistics.median(cuda_event_times(replay, 3, max(reps // 5, 5))) / calls
 
 
