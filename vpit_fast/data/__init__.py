@@ -1,9 +1,14 @@
-"""Data of the embedded default: the procedural shapes dataset (every MetaMorph data type as
-LLaVA-style records, images drawn on demand) and the word-level tokenizer over its vocabulary."""
+"""Data: LLaVA-style conversation encoding (response-only labels, visual slots) and sequence
+packing, plus the embedded default's procedural shapes dataset (every MetaMorph data type, images
+drawn on demand) and the word-level tokenizer over its vocabulary."""
 
+from vpit_fast.data.conversations import IGNORE_INDEX, MalformedRecord, Sample, encode_all, encode_conversation
+from vpit_fast.data.packing import PackedBatch, collate_packed, pack, pad_batch
 from vpit_fast.data.shapes import (HELD_OUT, TASKS, Scene, Shape, ShapesDataset, key_to_scene, render,
                                    scene_to_key, vocabulary)
 from vpit_fast.data.tokenizer import SPECIAL_TOKENS, build_tokenizer, normalize_text
 
-__all__ = ["HELD_OUT", "SPECIAL_TOKENS", "TASKS", "Scene", "Shape", "ShapesDataset", "build_tokenizer",
-           "key_to_scene", "normalize_text", "render", "scene_to_key", "vocabulary"]
+__all__ = ["HELD_OUT", "IGNORE_INDEX", "SPECIAL_TOKENS", "TASKS", "MalformedRecord", "PackedBatch", "Sample",
+           "Scene", "Shape", "ShapesDataset", "build_tokenizer", "collate_packed", "encode_all",
+           "encode_conversation", "key_to_scene", "normalize_text", "pack", "pad_batch", "render",
+           "scene_to_key", "vocabulary"]
