@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vpit_fast
-from vpit_fast.kernels_info import bilinear_source_tokens
+from vpit_fast.kernels_info import bilinear_source_tokens, bilinear_weights
 
 from conftest import H100_COPY_BYTES_PER_S, cuda_event_times, graph_replay, measure, requires_cuda
 
@@ -40,10 +40,8 @@ _GEMM_WEIGHTS = {}
 
 def batched_gemm(x):
     key = (x.device, x.dtype)
-    if key not in _GEMM_WEIGHTS:  # the [64, 729] matrix of bilinear weights, built once
-        eye = torch.eye(IN[0] * IN[1], device=x.device, dtype=torch.float32).view(-1, 1, *IN)
-        w = F.interpolate(eye, size=OUT, mode="bilinear", align_corners=False).flatten(1).t()
-        _GEMM_WEIGHTS[key] = w.contiguous().to(x.dtype)
+    if key not in _GEMM_WEIGHTS:  # the constant [64, 729] matrix, built once
+        _GEMM_WEIGHTS[key] = bilinear_weights(IN, OUT, torch.float32, x.device).to(x.dtype)
     return torch.matmul(_GEMM_WEIGHTS[key], x)
 
 
@@ -74,13 +72,7 @@ def cycle(fn, inputs):
 def graphed(fn, inputs):
     """One CUDA graph that runs fn once on every input set: times the kernels, not Python
     dispatch (which costs more than the kernel at B <= 64 for every implementation)."""
-    state = {"i": 0}
-
-    def call():
-        fn(inputs[state["i"]])
-        state["i"] = (state["i"] + 1) % len(inputs)
-
-    return graph_replay(call, len(inputs)), len(inputs)
+    return graph_replay(cycle(fn, inputs), len(inputs)), len(inputs)
 
 
 def measure_graph(replay, calls, reps):

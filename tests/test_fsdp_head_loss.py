@@ -84,10 +84,9 @@ BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"))]
 
 
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fsdp2_sharded_heads_match_one_process(backend, tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     world = 2
     mp.spawn(run_rank, args=(world, free_port(), backend, str(tmp_path)), nprocs=world, join=True)
     sharded = torch.load(tmp_path / "sharded.pt")

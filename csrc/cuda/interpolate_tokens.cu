@@ -19,8 +19,8 @@ constexpr int kWarps = kThreads / 32;
 // Outputs per axis that can touch one input token on the fast backward path. Downsampling
 // touches at most 2; only upsampling beyond ~2x needs the general loop.
 constexpr int kMaxTouching = 4;
-// Two resident blocks per SM at least: lets ptxas use up to 128 registers (the gather keeps up
-// to 16 packs in flight) without spilling.
+// Two resident blocks per SM at least: lets ptxas use up to 128 registers without spilling in
+// the normalising kernels and the backward gather.
 constexpr int kMinBlocks = 2;
 
 // Element offsets (within one image) and weights of the four source tokens of an output token.
