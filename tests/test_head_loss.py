@@ -481,3 +481,47 @@ def test_opcheck(device, mlp):
             torch.ops.vpit_fast.head_loss.default,
             (hidden, lm_weight, labels, visual_rows, targets, params, 1.0, 0.5, -100, False, 4096, need_grads),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_text_only_without_vision_head(impl):
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 37, (9,))
+    labels[::3] = -100
+    out = vpit_fast.head_loss(hidden, weight, labels, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 5), None,
+                              impl=impl)
+    expected = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), labels)
+    assert abs(out.loss.item() - expected.item()) < 1e-5 * expected.abs().item()
+    assert int(out.visual_count) == 0
+    out.loss.backward()
+    assert torch.isfinite(hidden.grad).all() and weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="vision_head is None"):
+        vpit_fast.head_loss(hidden, weight, labels, torch.tensor([1]), torch.zeros(1, 5), None, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_autocast_casts_operands_like_linear(impl):
+    hidden = torch.randn(40, 64)
+    weight = torch.randn(1000, 64, requires_grad=True)
+    head = torch.nn.Linear(64, 8)
+    labels = torch.randint(0, 1000, (40,))
+    labels[:10] = -100
+    rows, targets = torch.arange(10), torch.randn(10, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vpit_fast.head_loss(hidden, weight, labels, rows, targets, head, impl=impl)
+    expected = vpit_fast.head_loss(hidden.bfloat16(), weight.bfloat16(), labels, rows, targets.bfloat16(),
+                                   copy.deepcopy(head).bfloat16(), impl="torch")
+    assert abs(out.loss.item() - expected.loss.item()) <= 1e-2 * abs(expected.loss.item())
+    out.loss.backward()
+    assert weight.grad.dtype == torch.float32 and head.weight.grad is not None
+
+
+def test_second_backward_is_refused():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    out = vpit_fast.head_loss(hidden, weight, torch.randint(0, 11, (6,)), torch.zeros(0, dtype=torch.int64),
+                              torch.zeros(0, 3), None)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        out.loss.backward()

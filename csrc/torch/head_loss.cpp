@@ -122,13 +122,19 @@ VisualPart visual_part(const at::Tensor& hv, const at::Tensor& targets,
   VisualPart out{row_loss.sum(), {}, {}};
   if (!need_grads) return out;
   auto bias_grad = [](const at::Tensor& g) { return g.sum(0, false, at::kFloat); };
+  // Parameter gradients leave the GEMM in fp32: a bf16 result would be rounded again when
+  // backward scales it by the incoming gradient.
+  auto weight_grad = [](const at::Tensor& a, const at::Tensor& b) {
+    const bool reduced = a.scalar_type() != at::kFloat && a.scalar_type() != at::kDouble;
+    return reduced && a.is_cuda() ? at::mm(a, b, at::kFloat) : a.mm(b).to(at::kFloat);
+  };
   if (mlp) {
     const at::Tensor grad_act = at::gelu_backward(grad_pred.mm(p[2]), act);
-    out.grad_params = {grad_act.t().mm(hv), bias_grad(grad_act), grad_pred.t().mm(gelu),
-                       bias_grad(grad_pred)};  // weights in the math dtype, biases in fp32
+    out.grad_params = {weight_grad(grad_act.t(), hv), bias_grad(grad_act),
+                       weight_grad(grad_pred.t(), gelu), bias_grad(grad_pred)};
     out.grad_rows = grad_act.mm(p[0]);
   } else {
-    out.grad_params = {grad_pred.t().mm(hv), bias_grad(grad_pred)};
+    out.grad_params = {weight_grad(grad_pred.t(), hv), bias_grad(grad_pred)};
     out.grad_rows = grad_pred.mm(p[0]);
   }
   return out;
@@ -229,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     if (need_grads) {
       grad_hidden.index_copy_(0, visual_rows, part.grad_rows.to(hidden.scalar_type()));
       for (size_t i = 0; i < params.size(); ++i) {
-        grad_vision.push_back(part.grad_params[i].to(at::kFloat));
+        grad_vision.push_back(part.grad_params[i]);
       }
     }
   } else if (need_grads) {

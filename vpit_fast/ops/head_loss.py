@@ -32,13 +32,18 @@ if _extension._C is not None:
     def _setup_context(ctx, inputs, output):
         _, _, grad_hidden, grad_lm, grad_vision = output
         ctx.vision_dtypes = [p.dtype for p in inputs[5]]
-        ctx.save_for_backward(grad_hidden, grad_lm, *grad_vision)
+        # Kept as a plain attribute, not save_for_backward: backward takes them out, so the
+        # returned gradients have no other owner and AccumulateGrad adopts them instead of
+        # copying (a copy of the LM-head gradient is 1 GiB at LLaMA-3-8B shapes).
+        ctx.grads = [grad_hidden, grad_lm, *grad_vision]
 
     def _backward(ctx, grad_losses, grad_counts, *unused):
-        # Only the total loss (losses[0]) carries gradients; the parts are diagnostics. The saved
-        # gradients are scaled in place (no second copy of the LM-head gradient); a second
-        # backward through the same graph is refused by autograd's version check.
-        grad_hidden, grad_lm, *grad_vision = ctx.saved_tensors
+        # Only the total loss (losses[0]) carries gradients; the parts are diagnostics.
+        if ctx.grads is None:
+            raise RuntimeError("vpit_fast.head_loss: backward through the same loss twice is not supported "
+                               "(its gradients were computed once, in forward, and have been handed over)")
+        grad_hidden, grad_lm, *grad_vision = ctx.grads
+        ctx.grads = None
         if grad_hidden.numel() == 0 and grad_lm.numel() == 0:
             return (None,) * 12
         scale = grad_losses[0].float().reshape(1)
@@ -52,6 +57,19 @@ if _extension._C is not None:
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 
 
+class _CastHead:
+    """A vision head given as its parameter list (in `vision_head_params` order), cast to
+    ``dtype`` with autograd back to the originals."""
+
+    def __init__(self, params, dtype):
+        self.params = [p.to(dtype) for p in params]
+
+    def __call__(self, x):  # the forward of the head these parameters came from (for impl="torch")
+        p = self.params
+        x = nn.functional.linear(x, p[0], p[1])
+        return x if len(p) == 2 else nn.functional.linear(nn.functional.gelu(x), p[2], p[3])
+
+
 def vision_head_params(vision_head):
     """The parameters of a vision head in the op's order: [weight, bias] for ``nn.Linear``,
     [w1, b1, w2, b2] for ``nn.Sequential(nn.Linear, nn.GELU(), nn.Linear)``. A missing bias
@@ -61,6 +79,8 @@ def vision_head_params(vision_head):
         bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
         return [layer.weight, bias]
 
+    if isinstance(vision_head, _CastHead):
+        return vision_head.params
     if isinstance(vision_head, nn.Linear):
         return linear(vision_head)
     if (isinstance(vision_head, nn.Sequential) and len(vision_head) == 3
@@ -143,7 +163,8 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
             a text label).
         visual_targets: ``[Nv, Dv]`` target visual tokens, in visual_rows' order, hidden's dtype.
         vision_head: ``nn.Linear(H, Dv)`` or ``nn.Sequential(nn.Linear(H, H2), nn.GELU(),
-            nn.Linear(H2, Dv))``.
+            nn.Linear(H2, Dv))``; None for text only (visual_rows must then be empty and
+            visual_targets ``[0, anything]``).
         text_weight, visual_weight: loss = text_weight * text + visual_weight * visual.
         reduction: ``"mean"`` (each part averaged over its rows) or ``"sum"`` (for normalising
             by global token counts across ranks and micro-batches).
@@ -154,7 +175,27 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
         `HeadLoss(loss, text_loss, visual_loss, text_count, visual_count)`: float32 scalars and
         int64 counts on hidden's device. Only ``loss`` carries gradients (to hidden, lm_weight and
         the vision head). An empty modality contributes exactly 0 and zero gradients.
+
+    Under ``torch.autocast`` the float operands are cast to the autocast dtype first, as
+    ``nn.Linear`` would be.
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # Like nn.Linear under autocast: the operands in the autocast dtype, then the op as is.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        if vision_head is not None:
+            vision_head = _CastHead(vision_head_params(vision_head), dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return head_loss(hidden.to(dtype), lm_weight.to(dtype), labels, visual_rows, visual_targets.to(dtype),
+                             vision_head, text_weight=text_weight, visual_weight=visual_weight,
+                             ignore_index=ignore_index, reduction=reduction, impl=impl,
+                             max_chunk_bytes=max_chunk_bytes)
+    if vision_head is None:  # text only: a frozen one-feature head that no row uses
+        if isinstance(visual_rows, torch.Tensor) and visual_rows.numel():
+            raise ValueError("vision_head is None but visual_rows is not empty")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 2:
+            vision_head = _CastHead([hidden.new_zeros(1, hidden.shape[1]), hidden.new_zeros(1)], hidden.dtype)
+            if isinstance(visual_targets, torch.Tensor) and visual_targets.numel() == 0:
+                visual_targets = hidden.new_zeros(0, 1)
     params = _check(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, reduction, impl)
     if impl == "torch":
         _check_indices(labels, visual_rows, hidden.shape[0], lm_weight.shape[0], ignore_index)

@@ -58,7 +58,7 @@ def interpolate_tokens(x, out_size=(8, 8), in_size=None, normalize=False, impl="
     before the cast).
 
     Args:
-        x: ``[B, h*w, C]`` float32, bfloat16 or float16, on CPU or CUDA. Non-contiguous input is
+        x: ``[B, h*w, C]`` float32, bfloat16 or float16 (float64 with ``impl="torch"``), on CPU or CUDA. Non-contiguous input is
             accepted (made contiguous). ``B`` may be 0.
         out_size: ``(oh, ow)`` or an int for a square grid. Default ``(8, 8)``: 64 tokens.
         in_size: ``(h, w)`` of the input grid; default: the square root of the token count.
@@ -73,8 +73,9 @@ def interpolate_tokens(x, out_size=(8, 8), in_size=None, normalize=False, impl="
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, tokens, channels], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    allowed = (torch.float32, torch.bfloat16, torch.float16) + ((torch.float64,) if impl == "torch" else ())
+    if x.dtype not in allowed:
+        raise TypeError(f"x must be float32, bfloat16 or float16 (or float64 with impl=\"torch\"), got {x.dtype}")
     if x.shape[2] == 0:
         raise ValueError(f"x has no channels (shape {tuple(x.shape)})")
     tokens = x.shape[1]
