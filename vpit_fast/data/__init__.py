@@ -12,3 +12,12 @@ __all__ = ["HELD_OUT", "IGNORE_INDEX", "SPECIAL_TOKENS", "TASKS", "MalformedReco
            "Scene", "Shape", "ShapesDataset", "build_tokenizer", "collate_packed", "encode_all",
            "encode_conversation", "key_to_scene", "normalize_text", "pack", "pad_batch", "render",
            "scene_to_key", "vocabulary"]
+
+# The training data pipeline: record files, image sources, the dataset and its DataLoader.
+from vpit_fast.data.conversations import chat_template  # noqa: E402
+from vpit_fast.data.dataset import (EpochBatchSampler, ImageFolder, ImageFunction, ImageLoadError,  # noqa: E402
+                                    PrecomputedImages, VPiTDataset, as_image_source, collate, load_records,
+                                    make_dataloader)
+
+__all__ += ["EpochBatchSampler", "ImageFolder", "ImageFunction", "ImageLoadError", "PrecomputedImages",
+            "VPiTDataset", "as_image_source", "chat_template", "collate", "load_records", "make_dataloader"]

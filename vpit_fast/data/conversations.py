@@ -5,11 +5,29 @@ A record is ``{"id", "image": [key, ...] (or one str, or absent), "conversations
 appearance across the turns, is one entry of ``"image"``; images of ``"gpt"`` turns are generation
 targets.
 
-`encode_conversation` renders the turns with the tokenizer's chat template (its ``{% generation %}``
-block marks the assistant tokens, ``return_assistant_tokens_mask=True``) and then expands every
-``<image>`` token into ``<image_start>``, ``num_visual_tokens`` slot positions and ``<image_end>``.
-Slot positions hold the ``<image>`` id as a placeholder; the model replaces their embeddings with
-adapter outputs.
+`encode_conversation` renders the turns with the tokenizer's chat template, marks the assistant
+(response) tokens, and then expands every ``<image>`` token into ``<image_start>``,
+``num_visual_tokens`` slot positions and ``<image_end>``. Slot positions hold the ``<image>`` id as
+a placeholder; the model replaces their embeddings with adapter outputs.
+
+Which template, and how response tokens are found:
+
+- A template with ``{% generation %}`` blocks (ours, `vpit_fast.data.tokenizer.CHAT_TEMPLATE`):
+  the blocks mark the response tokens (``return_assistant_tokens_mask=True``).
+- A template without them (LLaMA-3/3.1, Qwen2 ChatML, Mistral): incremental rendering. For each
+  assistant turn ``k``, ``messages[:k]`` is rendered with ``add_generation_prompt=True`` and
+  ``messages[:k + 1]`` without; the tokens the longer rendering adds are the assistant's (its
+  content and the template's end-of-turn token, ``<|eot_id|>`` / ``<|im_end|>`` / ``</s>``), less
+  trailing tokens that decode to whitespace only (ChatML's newline after ``<|im_end|>``: template
+  formatting the model never generates, as outside our ``{% generation %}`` block). This is exact
+  when every rendering's token ids start the next one's (prefix property); it is checked on every
+  record and a ValueError naming the tokenizer is raised when it does not hold (e.g. templates
+  that rewrite earlier turns). It costs ``2 * assistant turns + 1`` renderings per record.
+- A tokenizer with no chat template at all (base LLMs): the default is
+  `vpit_fast.data.tokenizer.CHAT_TEMPLATE` (``<s><|user|> ... <|end|>`` /
+  ``<|assistant|> ... <|end|>``, with ``{% generation %}`` blocks). Its role markers are plain
+  text to a tokenizer that lacks them as tokens, so such a tokenizer should get them added as
+  special tokens (like the image tokens) or a template of its own.
 
 Label and shift convention (labels are *not* shifted; the model shifts): ``labels[t]`` is the token
 that position ``t`` holds when it is a response token, else -100, and the hidden state at position
@@ -20,16 +38,18 @@ a target image's visual tokens are predicted by the vision head, the first one f
 through the LM head. Prompt images (human turns) are inputs only.
 """
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from vpit_fast.data.shapes import IMAGE
-from vpit_fast.data.tokenizer import IMAGE_END, IMAGE_START
+from vpit_fast.data.tokenizer import CHAT_TEMPLATE, IMAGE_END, IMAGE_START
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the test transformers itself uses
 
 
 class MalformedRecord(ValueError):
@@ -110,21 +130,70 @@ def _validate(record):
     return record_id, messages, list(images), is_target
 
 
+def chat_template(tokenizer):
+    """The template string `encode_conversation` renders with: the tokenizer's own (its default
+    entry when it has several), or `CHAT_TEMPLATE` when it has none."""
+    if not tokenizer.chat_template:
+        return CHAT_TEMPLATE
+    return tokenizer.get_chat_template()
+
+
+def _tokenizer_name(tokenizer):
+    return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or '<unnamed>'!r})"
+
+
+def _render(tokenizer, template, messages, add_generation_prompt):
+    return list(tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                              add_generation_prompt=add_generation_prompt)["input_ids"])
+
+
+def _response_mask_by_increments(tokenizer, template, messages, record_id):
+    """Token ids of the whole conversation and the per-token response mask, found by rendering
+    the conversation up to each assistant turn (see the module docstring). Returns (list of ids,
+    list of bool). Raises ValueError when a shorter rendering is not a prefix of a longer one."""
+    ids = _render(tokenizer, template, messages, add_generation_prompt=False)
+    mask = [False] * len(ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, template, messages[:k], add_generation_prompt=True)
+        after = _render(tokenizer, template, messages[:k + 1], add_generation_prompt=False)
+        checks = ((before, f"the first {k} message(s) with the generation prompt", after,
+                   f"the first {k + 1} message(s)"),
+                  (after, f"the first {k + 1} message(s)", ids, "the whole conversation"))
+        for shorter, shorter_name, longer, longer_name in checks:
+            if longer[:len(shorter)] != shorter:
+                raise ValueError(
+                    f"the chat template of tokenizer {_tokenizer_name(tokenizer)} has no {{% generation %}} "
+                    f"blocks and is not prefix-stable (record {record_id!r}): the token ids of {shorter_name} "
+                    f"do not start those of {longer_name}, so the assistant's tokens cannot be found; give "
+                    f"the tokenizer a template with {{% generation %}} blocks around the assistant's tokens")
+        end = len(after)
+        # Whitespace after the end-of-turn token is formatting between turns, never generated.
+        while end > len(before) and not tokenizer.decode([after[end - 1]]).strip():
+            end -= 1
+        mask[len(before):end] = [True] * (end - len(before))
+    return ids, mask
+
+
 def encode_conversation(record, tokenizer, num_visual_tokens=64):
     """Encodes one record; returns a `Sample`. Raises `MalformedRecord` for a record without
     conversations or without a gpt turn, a role other than human/gpt, empty turn text, or a number
     of ``<image>`` placeholders other than ``len(record["image"])``. Raises ValueError when the
-    tokenizer lacks the image tokens or a chat template with ``{% generation %}`` blocks."""
+    tokenizer lacks the image tokens, or when its chat template has no ``{% generation %}``
+    blocks and is not prefix-stable (see the module docstring)."""
     record_id, messages, keys, is_target = _validate(record)
     image_id = _special_id(tokenizer, IMAGE)
     start_id, end_id = _special_id(tokenizer, IMAGE_START), _special_id(tokenizer, IMAGE_END)
-    if "generation" not in (tokenizer.chat_template or ""):
-        raise ValueError("the tokenizer's chat template has no {% generation %} block, so it cannot mark "
-                         "assistant tokens")
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    ids = torch.tensor(out["input_ids"], dtype=torch.int64)
-    response = torch.tensor(out["assistant_masks"], dtype=torch.bool)
+    template = chat_template(tokenizer)
+    if GENERATION_BLOCK.search(template):
+        out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, response = out["input_ids"], out["assistant_masks"]
+    else:
+        ids, response = _response_mask_by_increments(tokenizer, template, messages, record_id)
+    ids = torch.tensor(ids, dtype=torch.int64)
+    response = torch.tensor(response, dtype=torch.bool)
     is_image = ids == image_id
     if int(is_image.sum()) != len(keys):
         raise MalformedRecord(record_id, f"{int(is_image.sum())} <image> tokens after tokenization but "
