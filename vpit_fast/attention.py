@@ -1,0 +1,363 @@
+"""Varlen (packed-batch) causal attention, registered in transformers' attention interface.
+
+A packed batch (`vpit_fast.data.packing.collate_packed`) holds several samples per row; attention
+must stay causal within each sample and never cross a boundary. The boundaries travel as
+``cu_seqlens`` over the flattened ``B * T`` tokens, under the kwarg names transformers' own
+flash-attention path uses (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``,
+``max_length_k``; `packed_attention_kwargs` builds them).
+
+Backends, first usable wins (`backend_name` says which one a device gets):
+
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func``, when the package imports (CUDA, fp16/bf16).
+- ``torch_varlen``: PyTorch's built-in FlashAttention, ``torch.nn.attention.varlen.varlen_attn``
+  (CUDA, fp16/bf16). It has no dropout, so training with attention dropout skips it; its optional
+  arguments (scale, window, GQA) are used when this torch has them, emulated otherwise.
+- ``sdpa_per_segment``: exact fallback for CPU and everything above cannot take: one causal SDPA
+  call per segment. Chosen over one block-diagonal masked SDPA call because it never builds a
+  ``[T, T]`` mask nor computes the masked-out blocks; its cost is a Python loop over segments and
+  one host read of ``cu_seqlens``.
+
+Register once with `register_varlen_attention`, then load models with
+``from_pretrained(..., attn_implementation=ATTN_IMPLEMENTATION)`` or switch with
+``model.set_attn_implementation(ATTN_IMPLEMENTATION)``. Without ``cu_seqlens`` the same model
+runs unpacked or padded batches like transformers' ``"sdpa"``.
+"""
+
+import functools
+import importlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "vpit_varlen"
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa_per_segment")
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- backend discovery
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_varlen_func():
+    """flash_attn.flash_attn_varlen_func, or None when the package is absent or fails to load."""
+    try:
+        return importlib.import_module("flash_attn").flash_attn_varlen_func
+    except Exception:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_attn():
+    """(varlen_attn, names of its parameters), or (None, ()) when this torch has none."""
+    try:
+        varlen = importlib.import_module("torch.nn.attention.varlen")
+    except ImportError:
+        return None, ()
+    fn = getattr(varlen, "varlen_attn", None)
+    if fn is None:
+        return None, ()
+    return fn, tuple(inspect.signature(fn).parameters)
+
+
+def _backend_usable(backend, device, dtype, dropout, needs_window):
+    """None when ``backend`` can run this call, else the reason it cannot."""
+    if backend == "sdpa_per_segment":
+        return None
+    if device.type != "cuda":
+        return f"{backend} needs a CUDA device, got {device}"
+    if not torch.cuda.is_available():
+        return "CUDA is not available in this torch"
+    if dtype not in _FLASH_DTYPES:
+        return f"{backend} needs float16 or bfloat16, got {dtype}"
+    if backend == "flash_attn":
+        return None if _flash_attn_varlen_func() is not None else "flash_attn is not importable"
+    fn, params = _torch_varlen_attn()
+    if fn is None:
+        return "this torch has no torch.nn.attention.varlen.varlen_attn"
+    if dropout > 0:
+        return "torch varlen_attn has no dropout"
+    if needs_window and "window_size" not in params:
+        return "this torch's varlen_attn has no window_size (sliding window)"
+    return None
+
+
+def _choose_backend(device, dtype, dropout, needs_window):
+    for backend in BACKENDS:
+        if _backend_usable(backend, device, dtype, dropout, needs_window) is None:
+            return backend
+    raise AssertionError("sdpa_per_segment is always usable")
+
+
+def backend_name(device, dtype=torch.bfloat16, dropout=0.0):
+    """The backend `varlen_attention` picks for causal attention on ``device`` with inputs of
+    ``dtype`` and this attention ``dropout`` (no active sliding window): one of `BACKENDS`."""
+    return _choose_backend(torch.device(device), dtype, dropout, needs_window=False)
+
+
+def available_backends(device, dtype=torch.bfloat16):
+    """Every backend of `BACKENDS` that can run causal attention without dropout on ``device``."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _backend_usable(b, device, dtype, 0.0, False) is None]
+
+
+# --------------------------------------------------------------------------- the three backends
+
+def _window_active(sliding_window, max_seqlen):
+    """transformers' sliding window (each query sees itself and the ``sliding_window - 1`` keys
+    before it) only changes anything for segments longer than the window."""
+    return sliding_window is not None and max_seqlen > sliding_window
+
+
+def _run_flash_attn(q, k, v, cu, max_seqlen, scale, dropout, sliding_window):
+    window = (sliding_window - 1, 0) if _window_active(sliding_window, max_seqlen) else (-1, -1)
+    out = _flash_attn_varlen_func()(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout, softmax_scale=scale,
+        causal=True, window_size=window)  # GQA is native
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_torch_varlen(q, k, v, cu, max_seqlen, scale, sliding_window):
+    fn, params = _torch_varlen_attn()
+    kwargs = {}
+    if "window_size" in params:  # (-1, 0) is how varlen_attn spells "causal"
+        kwargs["window_size"] = ((sliding_window - 1, 0) if _window_active(sliding_window, max_seqlen)
+                                 else (-1, 0))
+    else:
+        kwargs["is_causal"] = True
+    head_dim = q.shape[-1]
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        elif scale != head_dim ** -0.5:  # the kernel's default: fold the difference into q
+            q = q * (scale * head_dim ** 0.5)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv_heads(k, v, q.shape[1])
+    out = fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _repeat_kv_heads(k, v, num_heads):
+    """[N, Hkv, D] -> [N, num_heads, D]: query head h reads kv head h // (num_heads // Hkv), as
+    transformers' repeat_kv does."""
+    groups = num_heads // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _sliding_window_causal_mask(length, sliding_window, device):
+    """[length, length] bool, True where query i may read key j: i - sliding_window < j <= i."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    return (j <= i) & (j > i - sliding_window)
+
+
+def _run_sdpa_per_segment(q, k, v, cu, scale, dropout, sliding_window):
+    bounds = cu.tolist()  # one host read (a device sync on CUDA)
+    total = q.shape[0]
+    if bounds[0] != 0 or bounds[-1] != total or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {total}, got {bounds}")
+    if k.shape[1] != q.shape[1]:
+        k, v = _repeat_kv_heads(k, v, q.shape[1])
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [1, H, L, D], the layout transformers' sdpa path uses, so the same CPU kernels run
+        qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        mask = None
+        if sliding_window is not None and end - start > sliding_window:
+            mask = _sliding_window_causal_mask(end - start, sliding_window, q.device)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=mask is None, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+# --------------------------------------------------------------------------- public varlen op
+
+def varlen_attention(query, key, value, cu_seqlens, max_seqlen, *, scale=None, dropout=0.0,
+                     sliding_window=None, backend=None):
+    """Causal attention within each segment of a flattened token stream.
+
+    query: ``[N, H, D]``; key, value: ``[N, Hkv, D]`` (``H % Hkv == 0``; GQA/MQA), one dtype and
+        device. cu_seqlens: ``[S + 1]`` integer boundaries, 0 first and N last (checked on the
+        ``sdpa_per_segment`` path; the CUDA kernels trust it to avoid a device sync).
+        max_seqlen: int, at least the longest segment.
+    scale: softmax scale, default ``D ** -0.5``. dropout: attention dropout probability.
+    sliding_window: None, or each query sees itself and the ``sliding_window - 1`` keys before it
+        (transformers' convention). backend: one of `BACKENDS`, or None to pick the first usable.
+    Returns ``[N, H, D]`` in the input dtype; differentiable in query, key and value.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got "
+                             f"{getattr(t, 'shape', type(t))}")
+    if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[2] != query.shape[2]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match and "
+                         f"share tokens and head_dim with query {tuple(query.shape)}")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads "
+                         f"({key.shape[1]})")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"query, key, value must share a dtype, got {query.dtype}, {key.dtype}, "
+                         f"{value.dtype}")
+    max_seqlen = _check_cu_seqlens(cu_seqlens, max_seqlen)
+    if cu_seqlens.device != query.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but query on {query.device}")
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    needs_window = _window_active(sliding_window, max_seqlen)
+    if backend is None:
+        backend = _choose_backend(query.device, query.dtype, dropout, needs_window)
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    elif (reason := _backend_usable(backend, query.device, query.dtype, dropout, needs_window)):
+        raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
+
+    if backend == "flash_attn":
+        return _run_flash_attn(query, key, value, cu_seqlens, max_seqlen, scale, dropout, sliding_window)
+    if backend == "torch_varlen":
+        return _run_torch_varlen(query, key, value, cu_seqlens, max_seqlen, scale, sliding_window)
+    return _run_sdpa_per_segment(query, key, value, cu_seqlens, scale, dropout, sliding_window)
+
+
+def _check_cu_seqlens(cu_seqlens, max_seqlen):
+    """Shape and dtype checks that need no device sync; returns max_seqlen as an int."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor of at least 2 boundaries, got "
+                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if isinstance(max_seqlen, torch.Tensor):
+        max_seqlen = int(max_seqlen)  # transformers' own helpers hand over 0-d tensors
+    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    return max_seqlen
+
+
+def packed_attention_kwargs(cu_seqlens, max_seqlen, device=None):
+    """The model kwargs that route a packed batch through `varlen_attention`.
+
+    cu_seqlens: ``[S + 1]`` integer boundaries over the flattened ``B * T`` tokens, as
+        `collate_packed` returns them (0 first, ``B * T`` last, padding tails their own segment).
+    max_seqlen: int (or 0-d tensor), the longest segment. device: where the model runs; the
+        boundaries are moved there (the CUDA kernels read them on the device).
+    Returns ``{"cu_seq_lens_q", "cu_seq_lens_k": int32 tensor, "max_length_q", "max_length_k":
+    int}``: pass as ``model(input_ids=..., position_ids=..., **kwargs)``. Values are checked here,
+    once, while they are still on the host.
+    """
+    max_seqlen = _check_cu_seqlens(cu_seqlens, max_seqlen)
+    if cu_seqlens.device.type == "cpu":
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(cu_seqlens[0]) != 0 or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must start at 0 and never decrease, got {cu_seqlens.tolist()}")
+        if int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest segment "
+                             f"({int(lengths.max())})")
+    cu = cu_seqlens.to(device=device if device is not None else cu_seqlens.device, dtype=torch.int32,
+                       non_blocking=True)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen,
+            "max_length_k": max_seqlen}
+
+
+# --------------------------------------------------------------------------- transformers glue
+
+def _segments_from_position_ids(position_ids, batch, length):
+    """(cu_seqlens, max_seqlen) when ``position_ids`` restart inside a row (a packed batch given
+    without cu_seqlens), else None. A new segment starts wherever the position does not grow by
+    exactly 1, which is how transformers' masking (find_packed_sequence_indices) reads them."""
+    if position_ids is None or position_ids.shape[-1] != length:
+        return None
+    pos = position_ids.reshape(-1, length).expand(batch, length)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    if not bool(starts[:, 1:].any()):  # one device sync; pass cu_seqlens to skip it
+        return None
+    first = starts.reshape(-1).nonzero().reshape(-1)
+    cu = torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _rows_as_segments(batch, length, device):
+    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
+    return cu, length
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function for ``attn_implementation="vpit_varlen"``.
+
+    query: ``[B, H, T, D]``; key, value: ``[B, Hkv, Tk, D]``. Returns ``(out [B, T, H, D], None)``.
+
+    - ``cu_seq_lens_q`` (+ ``max_length_q``) in kwargs: packed batch, `varlen_attention` over the
+      flattened ``B * T`` tokens. Needs ``Tk == T`` (no KV cache) and no padding mask.
+    - no mask and ``position_ids`` that restart inside a row: the same, segments read from the
+      positions (what transformers' sdpa masking does; costs a device sync per layer).
+    - no mask and a sliding window shorter than T: each row one segment, windowed.
+    - otherwise (padding masks, KV caches, plain causal): transformers' own sdpa function.
+    """
+    if softcap is not None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION} does not support attention logit softcapping")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise ValueError(f"{ATTN_IMPLEMENTATION} is causal-only; this module asks for bidirectional attention")
+    batch, _, length, _ = query.shape
+
+    segments = None
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and cu_k is not cu_q and (cu_k.shape != cu_q.shape or not torch.equal(cu_k, cu_q)):
+            raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
+        if kwargs.get("max_length_q") is None:
+            raise ValueError("cu_seq_lens_q needs max_length_q (the longest segment)")
+        if attention_mask is not None:
+            raise ValueError("pass either cu_seq_lens_q/... (packed) or a padding attention_mask, not both")
+        if key.shape[2] != length:
+            raise ValueError(f"packed attention needs as many keys as queries (no KV cache), got "
+                             f"{key.shape[2]} keys for {length} queries")
+        segments = (cu_q, kwargs["max_length_q"])
+    elif attention_mask is None and length > 1 and key.shape[2] == length:
+        segments = _segments_from_position_ids(kwargs.get("position_ids"), batch, length)
+        if segments is None and _window_active(sliding_window, length):
+            segments = _rows_as_segments(batch, length, query.device)
+
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+
+    # [B, H, T, D] -> [B*T, H, D], the layout varlen kernels read
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], x.shape[3]) for x in (query, key, value))
+    out = varlen_attention(q, k, v, segments[0], segments[1], scale=scaling, dropout=dropout,
+                           sliding_window=sliding_window)
+    return out.view(batch, length, out.shape[1], out.shape[2]), None
+
+
+def padding_free_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """transformers mask function for ``"vpit_varlen"``: None when there is no padding mask and
+    no KV cache (``q_length == kv_length``), so a packed batch never gets a dense
+    ``[B, 1, T, T]`` mask (packing and sliding windows are applied inside
+    `varlen_attention_forward` instead); otherwise exactly transformers' sdpa mask, which the
+    sdpa path of `varlen_attention_forward` consumes."""
+    if attention_mask is None and q_length == kv_length:
+        return None
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function or causal_mask_function,
+                     attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention():
+    """Registers `varlen_attention_forward` and `padding_free_mask` under `ATTN_IMPLEMENTATION`
+    in transformers' global attention and mask interfaces (idempotent). Returns the name."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+    AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_free_mask)
+    return ATTN_IMPLEMENTATION
