@@ -1,0 +1,58 @@
+"""Model shapes by name: the embedded default's tiny LLaMA and SigLIP, and random-weight stand-ins
+with the shapes of the paper's models (for benchmarks and scaling runs; nothing is downloaded).
+
+`llm_config(name, vocab_size)` returns a transformers ``LlamaConfig``; `encoder_config(name)` a
+``SiglipVisionConfig``. Real checkpoints are loaded by hub name or path instead (see
+`vpit_fast.VPiTModel.from_base`).
+"""
+
+from transformers import LlamaConfig, SiglipVisionConfig
+
+__all__ = ["ENCODERS", "LLMS", "encoder_config", "llm_config"]
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+# Name -> LlamaConfig fields (vocab_size comes from the tokenizer, or the model's own 128256).
+LLMS = {
+    # The embedded default: small enough to train on two CPU cores in minutes.
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+                        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_scaling=_LLAMA3_ROPE),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False),
+}
+LLAMA3_VOCAB = 128256
+
+# Name -> SiglipVisionConfig fields. Both have a 27x27 patch grid, so the real 27 -> 8 resampling runs.
+ENCODERS = {
+    "tiny": dict(image_size=108, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64),
+    "siglip-so400m": dict(image_size=384, patch_size=14, hidden_size=1152, num_hidden_layers=27,
+                          num_attention_heads=16, intermediate_size=4304),
+}
+
+
+def _lookup(table, name, what):
+    if name not in table:
+        raise ValueError(f"unknown {what} preset {name!r}; choose one of {sorted(table)}")
+    return dict(table[name])
+
+
+def llm_config(name, vocab_size=None, **overrides):
+    """A ``LlamaConfig`` for preset ``name`` (see `LLMS`); ``vocab_size`` defaults to LLaMA-3's
+    128256. Keyword arguments override fields."""
+    fields = _lookup(LLMS, name, "LLM")
+    fields["vocab_size"] = LLAMA3_VOCAB if vocab_size is None else vocab_size
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def encoder_config(name, **overrides):
+    """A ``SiglipVisionConfig`` for preset ``name`` (see `ENCODERS`)."""
+    fields = _lookup(ENCODERS, name, "encoder")
+    fields.update(overrides)
+    return SiglipVisionConfig(**fields)
