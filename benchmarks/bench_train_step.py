@@ -1,0 +1,225 @@
+"""One VPiT training step at LLaMA-3.2-1B shapes (issue: lean training loop): ours against a step
+built the way the official MetaMorph code works, in the same process.
+
+Both start from the same raw SigLIP-so400m-shaped tower outputs ``[M, 729, 1152]`` (precomputed, random)
+and the same MetaMorph-like samples (image understanding: a prompt image, a question, a text answer;
+generation: a text prompt, an answer holding an image's 64 visual tokens; some text-only turns),
+random weights, bf16 compute under FSDP2 (one rank: bf16 parameters for compute, fp32 master
+weights, fused AdamW), forward + backward + optimizer step.
+
+- ours: `VPiTModel`, samples packed into 4096-token rows, varlen attention, `interpolate_tokens`,
+  the fused response-only head loss.
+- official style: HF LLaMA with SDPA on padded batches (one sample per row), the input embeddings
+  assembled by a Python loop over images, logits for every position upcast to fp32, a separate
+  cosine loss, the channels-first ``F.interpolate`` path.
+
+Reported in extra_info: step time, tokens/s (real tokens), MFU (6N + 12·L·H·T FLOPs per token at
+989 TFLOP/s dense bf16), peak memory, and the ratio to ours. For reference (issue text): a pure-text
+HF LLaMA step at this shape reached 0.447 MFU on the H100.
+Run: pytest benchmarks/bench_train_step.py --benchmark-only
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import measure, requires_cuda
+
+ROWS, BUDGET = 2, 4096  # tokens per step: 2 packed rows of 4096
+N_VISUAL, RAW_GRID, VISUAL_DIM = 64, 27, 1152
+PEAK_BF16 = 989e12
+_results = {}
+
+
+def synthetic_samples(config, vocab, total_tokens, seed=0):
+    """MetaMorph-like samples (`vpit_fast.data.Sample`) until ``total_tokens`` are filled:
+    45% understanding, 45% generation, 10% text only."""
+    from vpit_fast.data import Sample
+
+    rng = random.Random(seed)
+    start, end, slot = config.image_start_id, config.image_end_id, config.image_token_id
+    samples, filled = [], 0
+
+    def text(n):
+        return [rng.randrange(200, vocab - 300) for _ in range(n)]
+
+    while True:
+        kind = rng.choices(["understand", "generate", "text"], weights=[45, 45, 10])[0]
+        prompt, response = text(rng.randint(12, 40)), text(rng.randint(8, 90))
+        if kind == "understand":
+            prompt = [start] + [slot] * N_VISUAL + [end] + prompt
+        elif kind == "generate":
+            response = text(rng.randint(4, 10)) + [start] + [slot] * N_VISUAL + [end] + text(2)
+        ids = [1] + prompt + response
+        if filled + len(ids) > total_tokens:
+            return samples
+        labels = [-100] * (1 + len(prompt)) + response
+        slots = [i + 1 for i, t in enumerate(ids) if t == start]
+        for s in slots:
+            for j in range(N_VISUAL):
+                labels[s + j] = -100
+        is_target = [s > len(prompt) for s in slots]
+        samples.append(Sample(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                              image_keys=[f"{len(samples)}-{i}" for i in range(len(slots))],
+                              image_slots=torch.tensor(slots, dtype=torch.int64),
+                              image_is_target=torch.tensor(is_target, dtype=torch.bool), id=str(len(samples)),
+                              num_visual_tokens=N_VISUAL))
+        filled += len(ids)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from vpit_fast import presets
+    from vpit_fast.data import build_tokenizer
+    from vpit_fast.model import VPiTConfig, VPiTModel
+    from vpit_fast.train.parallel import setup_runtime
+
+    runtime = setup_runtime("cuda", store_dir=str(tmp_path_factory.mktemp("store")))
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        llm = LlamaForCausalLM(presets.llm_config("llama3.2-1b", vocab_size=128256))
+    model = VPiTModel.from_base(llm, tokenizer, None, VPiTConfig(), visual_dim=VISUAL_DIM)
+    samples = synthetic_samples(model.config, 128256, ROWS * BUDGET - 600)
+    raw = torch.randn(sum(len(s.image_keys) for s in samples), RAW_GRID * RAW_GRID, VISUAL_DIM,
+                      device="cuda", dtype=torch.bfloat16)
+    return runtime, model, samples, raw
+
+
+def flops_per_token(model, mean_len):
+    llm = model.llm.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    return 6 * n + 12 * llm.num_hidden_layers * llm.hidden_size * mean_len
+
+
+def report(benchmark, name, ms, tokens, model, mean_len, peak):
+    tokens_per_s = tokens / (ms / 1e3)
+    info = benchmark.extra_info
+    info.update(tokens=tokens, tokens_per_s=tokens_per_s, mfu=tokens_per_s * flops_per_token(model, mean_len) / PEAK_BF16,
+                peak_gib=peak / 2**30, mean_sample_len=mean_len)
+    _results[name] = ms
+    if name != "ours" and "ours" in _results:
+        info["time_vs_ours"] = ms / _results["ours"]
+
+
+def fsdp_wrapped(model):
+    from vpit_fast.train.parallel import apply_fsdp
+
+    apply_fsdp(model, param_dtype=torch.bfloat16)
+    return model
+
+
+@requires_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ours(benchmark, setup, compiled):
+    import copy
+
+    from vpit_fast import interpolate_tokens
+    from vpit_fast.data import collate_packed, pack
+    from vpit_fast.model import VPiTModel
+    from vpit_fast.train.optim import build_optimizer
+
+    runtime, base, samples, raw = setup
+    model = copy.deepcopy(base).float()
+    if compiled:  # torch.compile per decoder block, as vpit-train's compile=true does
+        from vpit_fast.train.parallel import apply_compile
+
+        apply_compile(model)
+    model = fsdp_wrapped(model)
+    optimizer = build_optimizer(model, 1e-5, fused="torch")
+    rows = pack(samples, BUDGET, pad_id=0)
+    assert len(rows) == ROWS, f"{len(rows)} rows"
+    batch = VPiTModel.batch_inputs(collate_packed(rows), "cuda")
+    # raw holds the images in sample order; the packed rows list them in row order
+    position = {key: n for n, key in enumerate(k for s in samples for k in s.image_keys)}
+    raw_in_order = raw[torch.tensor([position[k] for r in rows for k in r.image_keys], device="cuda")]
+
+    def step():
+        tokens = interpolate_tokens(raw_in_order, out_size=8)
+        out = model(**batch, visual_tokens=tokens)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    ms = measure(benchmark, step, warmup=3, reps=10)
+    tokens = sum(len(s) for s in samples)
+    report(benchmark, "ours-compiled" if compiled else "ours", ms, tokens, base, tokens / len(samples),
+           torch.cuda.max_memory_allocated())
+
+
+
+class OfficialStyle(torch.nn.Module):
+    """The official code's computation: per-image Python loop for the input embeddings, all-row
+    logits in fp32, cross-entropy over shifted labels, separate cosine loss on the vision head."""
+
+    def __init__(self, vpit):
+        super().__init__()
+        self.llm, self.adapter, self.vision_head = vpit.llm, vpit.adapter, vpit.heads.vision_head
+
+    def forward(self, input_ids, attention_mask, labels, raw, images):
+        # official interpolation: view as a grid, channels first, bilinear in fp32, back
+        b, _, c = raw.shape
+        grid = raw.view(b, RAW_GRID, RAW_GRID, c).permute(0, 3, 1, 2).contiguous().float()
+        tokens = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False).to(raw.dtype)
+        tokens = tokens.permute(0, 2, 3, 1).reshape(b, N_VISUAL, c)
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        rows = []
+        for r in range(input_ids.shape[0]):
+            row = embeds[r]
+            for m, (row_index, s, _) in enumerate(images):
+                if row_index == r:
+                    row = torch.cat([row[:s], self.adapter(tokens[m]).to(row.dtype), row[s + N_VISUAL:]])
+            rows.append(row)
+        hidden = self.llm.model(inputs_embeds=torch.stack(rows), attention_mask=attention_mask).last_hidden_state
+        logits = self.llm.lm_head(hidden).float()
+        text = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        preds, targets = [], []
+        for m, (r, s, is_target) in enumerate(images):
+            if is_target:
+                preds.append(self.vision_head(hidden[r, s - 1:s - 1 + N_VISUAL]))
+                targets.append(tokens[m])
+        visual = (1 - F.cosine_similarity(torch.cat(preds).float(), torch.cat(targets).float(), dim=-1)).mean()
+        return text + visual
+
+
+@requires_cuda
+def test_official_style(benchmark, setup):
+    import copy
+
+    from vpit_fast.data import pad_batch
+    from vpit_fast.train.optim import build_optimizer
+
+    runtime, base, samples, raw = setup
+    vpit = copy.deepcopy(base).float()
+    vpit.llm.set_attn_implementation("sdpa")
+    model = OfficialStyle(vpit)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.llm.model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    optimizer = build_optimizer(model, 1e-5, fused="torch")
+    batch = pad_batch(samples, pad_id=0)
+    input_ids, labels = batch["input_ids"].cuda(), batch["labels"].cuda()
+    attention_mask = batch["attention_mask"].cuda()
+    images = list(zip(batch["image_batch_index"].tolist(), batch["image_slots"].tolist(),
+                      batch["image_is_target"].tolist()))
+
+    def step():
+        model(input_ids, attention_mask, labels, raw, images).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.reset_peak_memory_stats()
+    ms = measure(benchmark, step, warmup=2, reps=5)
+    tokens = sum(len(s) for s in samples)
+    benchmark.extra_info["padded_tokens"] = input_ids.numel()
+    report(benchmark, "official", ms, tokens, base, tokens / len(samples), torch.cuda.max_memory_allocated())

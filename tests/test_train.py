@@ -1,0 +1,111 @@
+"""The training loop on the embedded default, shrunk: a run writes checkpoints, metrics, a plot and
+an export that loads back; a resumed run continues exactly; Ctrl-C saves a checkpoint; a
+non-finite loss stops the run with a clear message; configs and overrides."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vpit_fast.model import VPiTModel
+from vpit_fast.train import loop
+from vpit_fast.train.config import resolve_config
+from vpit_fast.train.overrides import ConfigError
+
+SMALL = ["data.shapes_size=60", "data.eval_size=14", "data.budget=512", "data.batch_size=2", "steps=6",
+         "log_every=1", "save_every=3", "progress=false", "optim.warmup_steps=2"]
+
+
+def config(tmp_path, *extra):
+    return resolve_config("tiny", overrides=SMALL + [f"out_dir={tmp_path}", *extra])
+
+
+def losses(out_dir):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["text_loss"], r["visual_loss"]) for r in records if "text_loss" in r}
+
+
+def test_run_writes_checkpoint_metrics_plot_and_export(tmp_path):
+    result = loop.train(config(tmp_path))
+    assert result["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    curve = losses(tmp_path)
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in curve.values())
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    for key in ("text_loss", "visual_loss", "image_qa_accuracy", "image_qa_chance"):
+        assert 0 <= result[key] < float("inf"), key
+    assert 0 < result["image_qa_chance"] < 1
+    model = VPiTModel.from_pretrained(tmp_path / "export")
+    assert model.visual is not None and model.config.text_vocab_size == len(model.tokenizer)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    loop.train(config(straight, "evaluate=false"))
+    loop.train(config(resumed, "evaluate=false"))
+    # Forget everything after step 3, as if the run had stopped there, then resume.
+    shutil.rmtree(resumed / "checkpoints" / "step-6")
+    kept = [line for line in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+    (resumed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    loop.train(config(resumed, "evaluate=false", "resume=true"))
+    assert losses(resumed) == losses(straight)
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    real_step, calls = loop.train_step, []
+
+    def interrupted_at_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(loop, "train_step", interrupted_at_third)
+    result = loop.train(config(tmp_path, "save_every=100"))
+    assert result["interrupted"] and result["step"] == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, capsys):
+    code = loop.main(SMALL + [f"out_dir={tmp_path}", "model.text_weight=nan"])
+    assert code == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="optim.lr"):
+        resolve_config("tiny", overrides=["optim.lrr=1"])
+    with pytest.raises(ValueError, match="stage"):
+        resolve_config("tiny", overrides=["stage=stage3"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_config("huge")
+    assert resolve_config("paper-stage2").optim.lr == pytest.approx(6.93e-5)
+
+
+def test_stage1_trains_only_adapter_and_vision_head(tmp_path):
+    model = loop.build_model(config(tmp_path))
+    loop.set_trainable(model, "stage1")
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"adapter.0", "adapter.2", "heads.vision_head"}
+
+
+def test_two_ranks_match_one_for_the_same_global_batch(tmp_path):
+    """FSDP2 over 2 gloo ranks (CPU) with 1 row each = 1 process with 2 rows."""
+    import subprocess
+    import sys
+
+    common = SMALL + ["steps=3", "evaluate=false", "model.dtype=float32", "data.shapes_size=40"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vpit_fast.train",
+           *common, "data.batch_size=1", f"out_dir={tmp_path / 'two'}"]
+    one = [sys.executable, "-m", "vpit_fast.train", *common, "data.batch_size=2", f"out_dir={tmp_path / 'one'}"]
+    for command in (two, one):
+        subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for x, y in zip(a[step], b[step]):
+            assert abs(x - y) <= 1e-5 * abs(x), (step, a[step], b[step])

@@ -1,0 +1,156 @@
+"""The training run's configuration: dataclasses, named presets, YAML files and command-line
+overrides (``vpit-train --preset tiny optim.lr=3e-4 data.budget=512``).
+
+Presets:
+    tiny          the embedded default: a tiny LLaMA, a tiny SigLIP and the procedural shapes data;
+                  trains on two CPU cores in minutes.
+    paper-stage1  MetaMorph stage 1 (adapter pretraining, Table 2: lr 4.90e-5, wd 0, batch 768)
+                  on LLaMA-3.1-8B-Instruct and SigLIP-so400m@384, by hub name (or local paths).
+    paper-stage2  stage 2 (everything but the vision tower, lr 6.93e-5, wd 0, batch 1536, one
+                  epoch), starting from a stage-1 export (``model.init``).
+    bench-1b      LLaMA-3.2-1B shapes with random weights, a SigLIP-so400m-shaped frozen tower,
+                  packed 4096-token rows of the shapes data (the benchmark's training step).
+The paper's batch sizes count samples; with packing, a row holds several samples, so the presets
+set rows per step that give about the same number of samples (``batch_size * grad_accum * world``).
+"""
+
+from dataclasses import dataclass, field, replace
+
+from vpit_fast.train.overrides import apply_overrides, load_yaml_into
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "PRESETS", "TrainConfig", "resolve_config"]
+
+
+@dataclass
+class ModelConfig:
+    """llm: a preset of `vpit_fast.presets.LLMS` (random weights) or a causal LM's hub name / path.
+    tokenizer: name / path; empty: the LLM's own, or the embedded word-level tokenizer for presets.
+    encoder: a preset of `vpit_fast.presets.ENCODERS` or a SigLIP name / path.
+    init: a `VPiTModel.save_pretrained` directory to start from (e.g. stage 1's export).
+    dtype: parameters' compute dtype on GPU (bfloat16 or float32); the CPU runs in float32.
+    """
+
+    llm: str = "tiny"
+    tokenizer: str = ""
+    encoder: str = "tiny"
+    init: str = ""
+    vision_head: str = "linear"
+    normalize_visual: bool = False
+    text_weight: float = 1.0
+    visual_weight: float = 1.0
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class DataConfig:
+    """source: ``shapes`` (the procedural dataset) or a LLaVA-style ``.json``/``.jsonl`` file
+    (images under ``image_root``). budget: tokens per packed row (0: plain padded batches).
+    batch_size: rows per rank per micro-batch. precompute: encode every image once before training
+    (the tower then never runs in the loop). shapes_*: size, image side and seed of the shapes data
+    (``eval_size`` records of its held-out split are evaluated)."""
+
+    source: str = "shapes"
+    image_root: str = ""
+    budget: int = 1024
+    batch_size: int = 4
+    num_workers: int = 0
+    precompute: bool = True
+    on_error: str = "skip"
+    shapes_size: int = 3000
+    shapes_image_size: int = 108
+    shapes_seed: int = 0
+    eval_size: int = 120
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    fused: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """stage: ``stage1`` (adapter and vision head), ``stage2`` or ``full`` (everything but the
+    vision tower). steps: optimizer steps (0: one epoch). Checkpoints go to ``out_dir/checkpoints``
+    every ``save_every`` steps and at the end; ``resume`` continues from the latest one."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage: str = "full"
+    steps: int = 400
+    grad_accum: int = 1
+    seed: int = 0
+    out_dir: str = "runs/tiny"
+    device: str = "auto"
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 2
+    resume: bool = False
+    activation_checkpointing: bool = False
+    compile: bool = False
+    evaluate: bool = True
+    progress: bool = True
+
+    def validate(self):
+        choices = {"stage": ("stage1", "stage2", "full"), "optim.decay": ("cosine", "linear", "constant"),
+                   "data.on_error": ("skip", "raise"), "model.vision_head": ("linear", "mlp"),
+                   "model.dtype": ("bfloat16", "float32")}
+        values = {"stage": self.stage, "optim.decay": self.optim.decay, "data.on_error": self.data.on_error,
+                  "model.vision_head": self.model.vision_head, "model.dtype": self.model.dtype}
+        for key, allowed in choices.items():
+            if values[key] not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {values[key]!r}")
+        for key, value in (("steps", self.steps), ("data.budget", self.data.budget)):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        for key, value in (("grad_accum", self.grad_accum), ("data.batch_size", self.data.batch_size),
+                           ("log_every", self.log_every), ("save_every", self.save_every),
+                           ("keep_last", self.keep_last)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        return self
+
+
+def _paper(stage, lr, rows, init=""):
+    # 768 / 1536 samples per step at about 4 samples per 4096-token row on 8 GPUs.
+    return TrainConfig(
+        model=ModelConfig(llm="meta-llama/Llama-3.1-8B-Instruct", encoder="google/siglip-so400m-patch14-384",
+                          init=init),
+        data=DataConfig(source="", budget=4096, batch_size=2, num_workers=8, precompute=True),
+        optim=OptimConfig(lr=lr, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=100, decay="cosine",
+                          min_lr_ratio=0.0),
+        stage=stage, steps=0, grad_accum=rows // 16, out_dir=f"runs/paper-{stage}", save_every=500,
+        activation_checkpointing=True, evaluate=False)
+
+
+PRESETS = {
+    "tiny": TrainConfig(),
+    "paper-stage1": _paper("stage1", 4.90e-5, 192),
+    "paper-stage2": _paper("stage2", 6.93e-5, 384, init="runs/paper-stage1/export"),
+    "bench-1b": TrainConfig(
+        model=ModelConfig(llm="llama3.2-1b", encoder="siglip-so400m"),
+        data=DataConfig(budget=4096, batch_size=1, shapes_size=2000, shapes_image_size=384, num_workers=4),
+        optim=OptimConfig(lr=1e-4, warmup_steps=10),
+        steps=20, out_dir="runs/bench-1b", save_every=10_000, evaluate=False),
+}
+
+
+def resolve_config(preset="tiny", yaml_path=None, overrides=()):
+    """The preset, then the YAML file's values, then the ``key=value`` overrides; validated.
+    Returns a new `TrainConfig`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    base = PRESETS[preset]
+    config = replace(base, model=replace(base.model), data=replace(base.data), optim=replace(base.optim))
+    if yaml_path:
+        load_yaml_into(config, yaml_path)
+    apply_overrides(config, list(overrides))
+    return config.validate()
