@@ -355,3 +355,10 @@ def test_deepcopy_of_a_patched_model_is_patched_independently():
     clone.zero_grad(set_to_none=True)
     clone(input_ids=input_ids, labels=labels).loss.backward()
     assert clone.lm_head.weight.grad is not None and model.lm_head.weight.grad is None
+
+
+def test_hf_trainer_example_trains_a_vpit_model():
+    from vpit_fast.integrations.trainer_example import main
+
+    losses = main(["--max-steps", "15", "--records", "60", "--batch-size", "2"])
+    assert len(losses) >= 2 and losses[-1] < losses[0]

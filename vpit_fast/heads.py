@@ -27,6 +27,11 @@ class VPiTHeads(nn.Module):
         if tuple(lm_head.weight.shape) != (vocab_size, hidden_size):
             raise ValueError(f"lm_head must be [{vocab_size}, {hidden_size}], got {tuple(lm_head.weight.shape)}")
         self.lm_head = lm_head
+        # DeepSpeed ZeRO-3 gathers only a called module's own parameters; the loss reads the
+        # children's weights without calling them, so ZeRO-3 must treat this module as one leaf
+        # (gather everything under it for forward and backward). The flag is DeepSpeed's
+        # `set_z3_leaf_module` contract; it means nothing to anything else.
+        self._z3_leaf = True
         if vision_head == "linear":
             self.vision_head = nn.Linear(hidden_size, visual_dim)
         elif vision_head == "mlp":

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from vpit_fast.data.conversations import IGNORE_INDEX
 from vpit_fast.data.shapes import IMAGE
@@ -96,8 +97,9 @@ class VPiTConfig:
 
 
 @dataclass
-class VPiTOutput:
-    """What `VPiTModel.forward` returns.
+class VPiTOutput(ModelOutput):
+    """What `VPiTModel.forward` returns (a transformers ``ModelOutput``, so HF Trainer reads its
+    ``loss``).
 
     loss, text_loss, visual_loss, text_count, visual_count: as in `vpit_fast.HeadLoss` (None
         without labels).
@@ -280,7 +282,8 @@ class VPiTModel(nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         result = self.loss(hidden, labels, tokens, image_slots, image_batch_index, image_is_target, reduction,
                            text_weight, visual_weight)
-        return VPiTOutput(*result, hidden=hidden)
+        return VPiTOutput(loss=result.loss, text_loss=result.text_loss, visual_loss=result.visual_loss,
+                          text_count=result.text_count, visual_count=result.visual_count, hidden=hidden)
 
     def loss(self, hidden, labels, visual_tokens, image_slots, image_batch_index, image_is_target,
              reduction="mean", text_weight=None, visual_weight=None):
