@@ -6,6 +6,7 @@ Public API:
     VPiTHeads           -- the module owning both heads, computing head_loss in its forward
     HeadLoss            -- what head_loss returns
     build_info          -- what the compiled extension was built with
+    VPiTModel, VPiTConfig -- the model on Hugging Face LLMs (imported on first use: transformers)
 """
 
 __version__ = "0.1.0"
@@ -16,4 +17,14 @@ from vpit_fast.ops.head_loss import head_loss
 from vpit_fast.ops.interpolate_tokens import interpolate_tokens
 from vpit_fast.ops.types import HeadLoss
 
-__all__ = ["__version__", "HeadLoss", "VPiTHeads", "build_info", "head_loss", "interpolate_tokens"]
+__all__ = ["__version__", "HeadLoss", "VPiTConfig", "VPiTHeads", "VPiTModel", "build_info", "head_loss",
+           "interpolate_tokens"]
+
+
+def __getattr__(name):
+    # The model pulls in transformers; the kernels alone do not need it.
+    if name in ("VPiTModel", "VPiTConfig"):
+        from vpit_fast import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'vpit_fast' has no attribute {name!r}")
