@@ -70,6 +70,46 @@ class _CastHead:
         return x if len(p) == 2 else nn.functional.linear(nn.functional.gelu(x), p[2], p[3])
 
 
+# Eager calls that need gradients go through an autograd.Function around the op (called with
+# autograd below it switched off): on torch 2.11, gradients returned by the op's registered
+# autograd were copied by AccumulateGrad (1 GiB for the LLaMA-3-8B LM head) instead of adopted.
+# torch.compile traces the op with its registered autograd.
+EAGER_AUTOGRAD = "function"  # or "library": the op's registered autograd (for comparisons)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, args, hidden, lm_weight, *vision_params):
+        # forward runs without grad mode, so the op's registered autograd stays out of the way
+        losses, counts, grad_hidden, grad_lm, grad_vision = torch.ops.vpit_fast.head_loss(*args)
+        ctx.vision_dtypes = [p.dtype for p in vision_params]
+        ctx.save_for_backward(grad_hidden, grad_lm, *grad_vision)
+        ctx.mark_non_differentiable(counts)
+        return losses, counts
+
+    @staticmethod
+    def backward(ctx, grad_losses, grad_counts):
+        if getattr(ctx, "used", False):  # the saved gradients were scaled in place already
+            raise RuntimeError("vpit_fast.head_loss: backward through the same loss twice is not supported "
+                               "(its gradients were computed once, in forward)")
+        ctx.used = True
+        grad_hidden, grad_lm, *grad_vision = ctx.saved_tensors
+        scale = grad_losses[0].float().reshape(1)
+        torch.ops.vpit_fast.scale_(grad_hidden, scale)
+        torch.ops.vpit_fast.scale_(grad_lm, scale)
+        return (None, grad_hidden, grad_lm,
+                *[(g * scale).to(dtype) for g, dtype in zip(grad_vision, ctx.vision_dtypes)])
+
+
+def _run_eager(args):
+    """(losses, counts) of the op, with gradients through `_FusedHeadLoss` when they are needed."""
+    hidden, lm_weight, params, need_grads = args[0], args[1], args[5], args[11]
+    if not need_grads or EAGER_AUTOGRAD == "library":
+        losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
+        return losses, counts
+    return _FusedHeadLoss.apply(args, hidden, lm_weight, *params)
+
+
 def vision_head_params(vision_head):
     """The parameters of a vision head in the op's order: [weight, bias] for ``nn.Linear``,
     [w1, b1, w2, b2] for ``nn.Sequential(nn.Linear, nn.GELU(), nn.Linear)``. A missing bias
@@ -215,7 +255,7 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
         losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
     else:
         try:
-            losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
+            losses, counts = _run_eager(args)
         except RuntimeError as error:  # the op's own index checks: bad values, not a failure
             message = str(error).split("\n")[0]
             if message.startswith("vpit_fast.head_loss: "):

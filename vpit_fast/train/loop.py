@@ -288,7 +288,7 @@ def train(config):
     gpu = GpuMonitor(runtime.device) if runtime.device.type == "cuda" else None
     metrics = MetricsLogger(out_dir / "metrics.jsonl", enabled=runtime.is_main)
     bar = progress_bar(steps, initial=step, enabled=runtime.is_main and config.progress)
-    window_tokens, window_start, interrupted = 0, time.perf_counter(), False
+    window_tokens, window_start, window_losses, interrupted = 0, time.perf_counter(), [], False
 
     def save(at_step):
         ckpt.save_checkpoint(checkpoints, at_step, model, optimizer, scheduler, keep_last=config.keep_last,
@@ -304,6 +304,7 @@ def train(config):
             if runtime.distributed:
                 dist.all_reduce(losses)
             text_loss, visual_loss = losses.tolist()
+            window_losses.append((text_loss, visual_loss))
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not (math.isfinite(text_loss) and math.isfinite(visual_loss) and math.isfinite(grad_norm)):
                 raise NonFiniteLoss(
@@ -323,11 +324,16 @@ def train(config):
                 flops = flops_per_token(n_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size,
                                         mean_len if "segment_ids" in micro_batches[0] else micro_batches[0]["input_ids"].shape[1])
                 utilisation = mfu(tokens_per_s / runtime.world_size, flops, peak)
-                record = {"step": step, "text_loss": text_loss, "visual_loss": visual_loss, "grad_norm": grad_norm,
+                # Means over the steps since the last record: packed rows group samples of similar
+                # length (often one task), so single steps swing widely.
+                mean_text = sum(t for t, _ in window_losses) / len(window_losses)
+                mean_visual = sum(v for _, v in window_losses) / len(window_losses)
+                window_losses.clear()
+                record = {"step": step, "text_loss": mean_text, "visual_loss": mean_visual, "grad_norm": grad_norm,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s, "mfu": utilisation,
                           "epoch": data.epoch, **(gpu.read() if gpu else {})}
                 metrics.log(record)
-                bar.set_postfix_str(format_postfix(text_loss, visual_loss, tokens_per_s, utilisation))
+                bar.set_postfix_str(format_postfix(mean_text, mean_visual, tokens_per_s, utilisation))
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
             if step % config.save_every == 0 and step < steps:
