@@ -2,6 +2,7 @@
 // Fake (meta) implementations and autograd are registered from Python (vpit_fast/ops/).
 #include <torch/library.h>
 
+#include "decode_dispatch.h"
 #include "head_loss.h"
 #include "interpolate_tokens.h"
 #include "scale_inplace.h"
@@ -16,6 +17,13 @@ TORCH_LIBRARY(vpit_fast, m) {
         "(Tensor losses, Tensor counts, Tensor grad_hidden, Tensor grad_lm_weight, "
         "Tensor[] grad_vision_params)");
   m.def("scale_(Tensor(a!) t, Tensor factor) -> ()");
+  m.def("decode_dispatch_prepare(Tensor mode, Tensor visual_count, Tensor images_left, "
+        "Tensor text_ids, Tensor visual_pred, Tensor eos_ids, int num_visual_tokens, "
+        "int image_start_id, int image_end_id, int image_token_id, int pad_id, bool normalize) -> "
+        "(Tensor next_ids, Tensor visual, Tensor emits_visual, Tensor new_mode, "
+        "Tensor new_visual_count, Tensor new_images_left)");
+  m.def("decode_dispatch_assemble(Tensor next_ids, Tensor emits_visual, Tensor adapted, "
+        "Tensor token_embedding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
@@ -23,6 +31,8 @@ TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("interpolate_tokens_backward", &vpit::interpolate_tokens_backward_cpu);
   m.impl("head_loss", &vpit::head_loss);
   m.impl("scale_", &vpit::scale_inplace_cpu);
+  m.impl("decode_dispatch_prepare", &vpit::decode_dispatch_prepare_cpu);
+  m.impl("decode_dispatch_assemble", &vpit::decode_dispatch_assemble_cpu);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
@@ -31,5 +41,7 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("interpolate_tokens_backward", &vpit::interpolate_tokens_backward_cuda);
   m.impl("head_loss", &vpit::head_loss);  // shared orchestration; CUDA row passes inside
   m.impl("scale_", &vpit::scale_inplace_cuda);
+  m.impl("decode_dispatch_prepare", &vpit::decode_dispatch_prepare_cuda);
+  m.impl("decode_dispatch_assemble", &vpit::decode_dispatch_assemble_cuda);
 }
 #endif

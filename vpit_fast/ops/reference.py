@@ -52,3 +52,76 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
         return torch.tensor(n, dtype=torch.int64, device=hidden.device)
 
     return HeadLoss(loss, text_part.detach(), visual_part.detach(), count(n_text), count(n_visual))
+
+
+# Per-row modes of the decode state (int64 tensors) that `dispatch_next_inputs` reads and writes.
+TEXT, IMAGE_MODE, DONE = 0, 1, 2
+
+
+def dispatch_next_inputs(mode, visual_count, images_left, text_ids, visual_pred, token_embedding, adapter, *,
+                         num_visual_tokens, image_start_id, image_end_id, image_token_id, pad_id, eos_ids,
+                         normalize):
+    """The modality dispatch and state update of one decode step, for B rows at once.
+
+    Every row runs through both paths (fixed shapes, no compaction, no host sync: capturable in a
+    CUDA graph); the row's mode selects which result it keeps. The fused op
+    (`vpit_fast.ops.decode_dispatch.dispatch_next_inputs`) takes and returns exactly these tensors;
+    the adapter (two GEMMs) stays a callable.
+
+    Args (all on one device):
+        mode: ``[B]`` int64, the row's mode for the token to emit now: 0 text, 1 image, 2 done.
+        visual_count: ``[B]`` int64, visual tokens the row has emitted in its current image
+            (0..n; n means the next token is ``<image_end>``).
+        images_left: ``[B]`` int64, images the row may still start (only decremented here; the
+            sampler reads it to exclude ``<image_start>``).
+        text_ids: ``[B]`` int64, the token sampled from the LM head for each row (read only for
+            rows in text mode).
+        visual_pred: ``[B, Dv]``, the vision head's prediction for each row (after guidance; read
+            only for rows in image mode).
+        token_embedding: ``[V, H]`` the LLM's input embedding table.
+        adapter: callable ``[B, Dv] -> [B, H]`` (the model's adapter), run on the adapter's dtype.
+        num_visual_tokens (n), image_start_id, image_end_id, image_token_id, pad_id: ints.
+        eos_ids: ``[E]`` int64 tensor of end-of-turn ids.
+        normalize: L2-normalise visual tokens (in fp32) before they are emitted and adapted.
+
+    Per row, by mode:
+        text: emits ``text_ids``, embeds it; ``<image_start>`` switches to image mode with count
+            0 and decrements ``images_left``; an end-of-turn id switches to done.
+        image, count < n: emits the ``<image>`` id and the visual token ``v = normalize?(pred)``;
+            the next input is ``adapter(v)``; count + 1.
+        image, count = n: emits ``<image_end>`` (embedded), back to text mode with count 0.
+        done: emits ``pad_id`` (embedded), state unchanged.
+
+    Returns:
+        (next_embeds ``[B, H]`` in token_embedding's dtype, next_ids ``[B]`` int64, visual
+        ``[B, Dv]`` in visual_pred's dtype: the emitted visual token, zero on other rows, mode,
+        visual_count, images_left ``[B]`` int64 (new tensors)).
+    """
+    in_text = mode == TEXT
+    in_image = mode == IMAGE_MODE
+    emits_visual = in_image & (visual_count < num_visual_tokens)
+    emits_end = in_image & (visual_count >= num_visual_tokens)
+    starts_image = in_text & (text_ids == image_start_id)
+    ends_turn = in_text & torch.isin(text_ids, eos_ids)
+
+    next_ids = torch.where(in_text, text_ids, pad_id)
+    next_ids = torch.where(emits_visual, image_token_id, next_ids)
+    next_ids = torch.where(emits_end, image_end_id, next_ids)
+
+    visual = visual_pred.float()
+    if normalize:
+        visual = F.normalize(visual, dim=-1)
+    visual = visual.to(visual_pred.dtype)
+    adapter_dtype = next(iter(adapter.parameters())).dtype if hasattr(adapter, "parameters") else visual.dtype
+    adapted = adapter(visual.to(adapter_dtype)).to(token_embedding.dtype)
+    embedded = token_embedding.index_select(0, next_ids)
+    next_embeds = torch.where(emits_visual[:, None], adapted, embedded)
+    visual = torch.where(emits_visual[:, None], visual, torch.zeros_like(visual))
+
+    new_mode = torch.where(starts_image, IMAGE_MODE, mode)
+    new_mode = torch.where(emits_end, TEXT, new_mode)
+    new_mode = torch.where(ends_turn, DONE, new_mode)
+    new_count = torch.where(emits_visual, visual_count + 1, visual_count)
+    new_count = torch.where(emits_end | starts_image, 0, new_count)
+    new_left = images_left - starts_image.long()
+    return next_embeds, next_ids, visual, new_mode, new_count, new_left
