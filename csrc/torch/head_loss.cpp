@@ -170,7 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor text_rows = at::nonzero_static(labels != ignore_index, n_text).flatten();
     const at::Tensor targets = labels.index_select(0, text_rows);
     const int64_t padded = (vocab + kVocabAlign - 1) / kVocabAlign * kVocabAlign;
-    const int64_t row_bytes = padded * int64_t(c10::elementSize(math));
+    // Per chunk row: its logits row, its hidden row and its hidden-gradient row (the two [rows, H]
+    // tensors live beside the logits), so the whole chunk stays within max_chunk_bytes.
+    const int64_t row_bytes = (padded + 2 * h) * int64_t(c10::elementSize(math));
     const int64_t chunk = std::clamp<int64_t>(max_chunk_bytes / row_bytes, 1, n_text);
     at::Tensor buffer = at::empty({chunk, padded}, hidden.options().dtype(math));
     // The vocabulary splits into a 128-aligned part and a tail of under 128 rows: with M = V not

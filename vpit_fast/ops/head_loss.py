@@ -209,7 +209,8 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
         reduction: ``"mean"`` (each part averaged over its rows) or ``"sum"`` (for normalising
             by global token counts across ranks and micro-batches).
         impl: ``"auto"`` (compiled CPU/CUDA op) or ``"torch"`` (the plain-PyTorch reference).
-        max_chunk_bytes: bound on the logits buffer (default 512 MiB).
+        max_chunk_bytes: bound on what one chunk of text rows holds: its logits, hidden rows and
+            hidden-gradient rows (default 512 MiB).
 
     Returns:
         `HeadLoss(loss, text_loss, visual_loss, text_count, visual_count)`: float32 scalars and
