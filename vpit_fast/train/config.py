@@ -56,15 +56,15 @@ class DataConfig:
     num_workers: int = 0
     precompute: bool = True
     on_error: str = "skip"
-    shapes_size: int = 3000
+    shapes_size: int = 8000
     shapes_image_size: int = 108
     shapes_seed: int = 0
-    eval_size: int = 120
+    eval_size: int = 350
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -85,7 +85,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: str = "full"
-    steps: int = 400
+    steps: int = 1000
     grad_accum: int = 1
     seed: int = 0
     out_dir: str = "runs/tiny"
