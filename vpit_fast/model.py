@@ -339,6 +339,16 @@ class VPiTModel(nn.Module):
 
         return packed_attention_kwargs(cu_seqlens, max_seqlen)
 
+    # ---- generation --------------------------------------------------------------------------
+
+    def generate(self, prompts, images=None, **kwargs):
+        """Text and images for a batch of prompts, with a static KV cache (optionally a CUDA-graph
+        decode step): see `vpit_fast.generation.generate` for the arguments. Returns a list of
+        `vpit_fast.generation.Generation` (text, token ids, one ``[64, Dv]`` tensor per image)."""
+        from vpit_fast.generation import generate
+
+        return generate(self, prompts, images, **kwargs)
+
     # ---- batches -----------------------------------------------------------------------------
 
     _BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "cu_seqlens", "max_seqlen",

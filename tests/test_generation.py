@@ -1,0 +1,369 @@
+"""Multimodal generation (`vpit_fast.generation`) on tiny random LLaMA/Qwen2 models, fp32 on CPU:
+the cached, batched decoder against the official-style loop (no cache, one prompt at a time),
+batched against one-by-one, the modality dispatch on hand-built states, forced mode switches,
+end-of-turn handling, classifier-free guidance, sampling, input validation, the CLI, and (CUDA
+only) the CUDA-graph decode step against the eager one."""
+
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from conftest import requires_cuda
+from vpit_fast.data import build_tokenizer
+from vpit_fast.generation import (DONE, IMAGE_MODE, TEXT, dispatch_next_inputs, encode_prompt, generate,
+                                  generate_uncached, sample_tokens)
+from vpit_fast.model import VPiTConfig, VPiTModel
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+DV, N = 16, 64
+IMAGE_PROMPT = "generate an image of a red circle"
+RESPONSE = "here is an image based on your request: <image_start>"
+
+
+def tiny_model(kind="llama", attn="vpit_varlen", normalize=False, device="cpu"):
+    tokenizer = build_tokenizer()
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = classes[kind]
+    llm = model_class(config_class(vocab_size=len(tokenizer), **SMALL))
+    model = VPiTModel.from_base(llm, tokenizer, None, VPiTConfig(normalize_visual=normalize), visual_dim=DV,
+                                attn_implementation=attn)
+    # The default initialisation keeps the visual feedback loop (token -> adapter -> LLM -> vision
+    # head -> token) contracting, so fp32 rounding differences do not grow over 64 steps.
+    return model.to(device).eval()
+
+
+def force_token(model, token_id, scale=1000.0):
+    """Makes ``token_id`` the LM head's argmax in every state: component 0 of the residual stream
+    is held at a large constant (every input embedding, the adapter's output, no layer writes it),
+    so the final norm's output has a positive component 0, and the LM-head row of ``token_id``
+    reads only that component, scaled up."""
+    llm = model.llm
+    with torch.no_grad():
+        llm.get_input_embeddings().weight[:, 0] = 100.0
+        model.adapter[2].weight[0] = 0
+        model.adapter[2].bias[0] = 100.0
+        for layer in llm.base_model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        llm.base_model.norm.weight[0] = 1.0
+        head = model.heads.lm_head.weight
+        head[:, 0] = 0
+        head[token_id] = 0
+        head[token_id, 0] = scale
+    return model
+
+
+def mixed_batch(model):
+    """Three prompts of different lengths: one with a prompt image, one starting its answer in
+    image mode, one plain text. Returns generate's keyword arguments."""
+    return dict(prompts=["what is this? <image>", IMAGE_PROMPT, "describe the picture of a large blue square"],
+                visual_tokens=[torch.randn(1, N, DV), None, None], response_prefix=[None, RESPONSE, None])
+
+
+def assert_same(ours, reference, atol=1e-5):
+    assert len(ours) == len(reference)
+    for a, b in zip(ours, reference):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        assert a.text == b.text and a.finished == b.finished
+        assert len(a.visual_tokens) == len(b.visual_tokens)
+        for x, y in zip(a.visual_tokens, b.visual_tokens):
+            assert x.shape == (N, DV)
+            torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# cached == official style; batched == one by one
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,attn,normalize", [("llama", "vpit_varlen", False), ("llama", "sdpa", True),
+                                                 ("qwen2", "vpit_varlen", True)])
+def test_cached_batched_equals_uncached_official_style(kind, attn, normalize):
+    model = tiny_model(kind, attn, normalize)
+    batch = mixed_batch(model)
+    ours = generate(model, **batch, max_new_tokens=72)
+    reference = generate_uncached(model, **batch, max_new_tokens=72)
+    assert_same(ours, reference)
+    assert len(ours[1].visual_tokens) == 1  # the image-mode row made one complete image, then text
+    assert ours[1].token_ids[N].item() == model.config.image_end_id
+    if normalize:
+        torch.testing.assert_close(ours[1].visual_tokens[0].norm(dim=-1), torch.ones(N))
+
+
+def test_batched_equals_one_by_one():
+    model = tiny_model()
+    batch = mixed_batch(model)
+    together = generate(model, **batch, max_new_tokens=70)
+    alone = [generate(model, p, visual_tokens=[t], response_prefix=x, max_new_tokens=70)[0]
+             for p, t, x in zip(batch["prompts"], batch["visual_tokens"], batch["response_prefix"])]
+    assert_same(together, alone)
+
+
+def test_images_through_the_encoder_equal_precomputed_tokens():
+    from vpit_fast.data import ShapesDataset
+    from vpit_fast.visual_tokens import VisualTokens, tiny_siglip_config
+
+    tokenizer = build_tokenizer()
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SMALL))
+    model = VPiTModel.from_base(llm, tokenizer, VisualTokens.from_config(tiny_siglip_config())).eval()
+    data = ShapesDataset(size=4, image_size=108)
+    pictures = [data.image(key) for key in data.image_keys()[:2]]
+    prompts = ["what is this? <image>", "compare <image> and <image>"]
+    from_images = generate(model, prompts, images=[[pictures[0]], pictures], max_new_tokens=6)
+    pixels = model.visual.processor(images=pictures, return_tensors="pt")["pixel_values"]
+    tokens = model.visual(pixels)
+    from_tokens = generate(model, prompts, visual_tokens=[tokens[:1], tokens], max_new_tokens=6)
+    assert_same(from_images, from_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# the dispatch, hand-built
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dispatch_on_hand_built_states(normalize):
+    V, H = 20, 8
+    table = torch.randn(V, H)
+    adapter = nn.Sequential(nn.Linear(DV, H), nn.GELU(), nn.Linear(H, H))
+    start, end, slot, pad, eos = 11, 12, 10, 0, 13
+    # rows: text word, text <image_start>, text eos, image token 3, image token 63, image after 64, done
+    mode = torch.tensor([TEXT, TEXT, TEXT, IMAGE_MODE, IMAGE_MODE, IMAGE_MODE, DONE])
+    count = torch.tensor([0, 0, 0, 3, N - 1, N, 0])
+    left = torch.tensor([2, 2, 2, 1, 1, 1, 0])
+    text_ids = torch.tensor([5, start, eos, 6, start, 7, 8])
+    pred = torch.randn(7, DV)
+    embeds, ids, visual, new_mode, new_count, new_left = dispatch_next_inputs(
+        mode, count, left, text_ids, pred, table, adapter, num_visual_tokens=N, image_start_id=start,
+        image_end_id=end, image_token_id=slot, pad_id=pad, eos_ids=torch.tensor([eos]), normalize=normalize)
+    assert ids.tolist() == [5, start, eos, slot, slot, end, pad]
+    assert new_mode.tolist() == [TEXT, IMAGE_MODE, DONE, IMAGE_MODE, IMAGE_MODE, TEXT, DONE]
+    assert new_count.tolist() == [0, 0, 0, 4, N, 0, 0]
+    assert new_left.tolist() == [2, 1, 2, 1, 1, 1, 0]
+    expected_visual = torch.nn.functional.normalize(pred, dim=-1) if normalize else pred
+    for row in (3, 4):
+        torch.testing.assert_close(visual[row], expected_visual[row])
+        torch.testing.assert_close(embeds[row], adapter(expected_visual[row]))
+    for row, token in ((0, 5), (1, start), (2, eos), (5, end), (6, pad)):
+        assert visual[row].abs().max() == 0
+        torch.testing.assert_close(embeds[row], table[token])
+
+
+def test_decode_attention_equals_transformers_sdpa_with_repeated_kv_heads():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vpit_fast.generation import decode_attention
+
+    module = types.SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 37, 16), torch.randn(3, 2, 37, 16)
+    mask = torch.rand(3, 1, 1, 37) < 0.7
+    mask[..., 0] = True
+    ours, _ = decode_attention(module, q, k, v, mask, scaling=0.3)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(ours, expected)
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention(module, torch.randn(3, 8, 2, 16), k, v, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# forced mode switches, end of turn
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forced_image_start_gives_images_of_exactly_64_tokens_per_row():
+    model = tiny_model()
+    cfg = model.config
+    force_token(model, cfg.image_start_id)
+    prompts = [IMAGE_PROMPT, IMAGE_PROMPT]
+    kwargs = dict(response_prefix=[RESPONSE, None], max_new_tokens=140)
+    ours = generate(model, prompts, **kwargs)
+    assert_same(ours, generate_uncached(model, prompts, **kwargs))
+    start, end, slot = cfg.image_start_id, cfg.image_end_id, cfg.image_token_id
+    one_image = [slot] * N + [end]
+    # row 0 starts in image mode (its prefix ends with <image_start>); row 1 samples <image_start> first
+    assert ours[0].token_ids.tolist() == (one_image + [start]) * 2 + [slot] * 8
+    assert ours[1].token_ids.tolist() == ([start] + one_image) * 2 + [start] + [slot] * 7
+    assert [len(g.visual_tokens) for g in ours] == [2, 2]  # the cut-off third image is left out
+    assert not ours[0].finished and ours[0].text.split() == ["<image>", "<image>"]
+
+    limited = generate(model, prompts, max_images=1, **kwargs)
+    assert_same(limited, generate_uncached(model, prompts, max_images=1, **kwargs))
+    for g, prefix in zip(limited, ([], [start])):
+        ids = g.token_ids.tolist()
+        assert ids[:len(prefix) + N + 1] == prefix + one_image
+        after = ids[len(prefix) + N + 1:]
+        assert len(after) > 0 and not {start, end, slot} & set(after)  # back to text for good
+        assert len(g.visual_tokens) == 1
+
+
+def test_end_of_turn_stops_and_min_new_tokens_delays_it():
+    model = tiny_model()
+    eos = model.tokenizer.eos_token_id
+    force_token(model, eos)
+    first = generate(model, ["a", "a longer prompt than a"], max_new_tokens=20, stop_check_interval=1)
+    for g in first:
+        assert g.token_ids.tolist() == [eos] and g.finished and g.text == ""
+    delayed = generate(model, "a", max_new_tokens=20, min_new_tokens=5, max_images=0)
+    assert len(delayed[0].token_ids) == 6 and delayed[0].token_ids[-1] == eos and delayed[0].finished
+    assert eos not in delayed[0].token_ids[:5].tolist()
+    assert_same(delayed, generate_uncached(model, "a", max_new_tokens=20, min_new_tokens=5, max_images=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# classifier-free guidance
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cfg_scale_one_equals_no_guidance_and_guidance_matches_the_reference():
+    model = tiny_model(normalize=True)
+    batch = mixed_batch(model)
+    plain = generate(model, **batch, max_new_tokens=67)
+    assert_same(generate(model, **batch, max_new_tokens=67, cfg_scale=1.0), plain)
+    guided = generate(model, **batch, max_new_tokens=67, cfg_scale=3.0)
+    assert_same(guided, generate_uncached(model, **batch, max_new_tokens=67, cfg_scale=3.0))
+    assert (guided[1].visual_tokens[0] - plain[1].visual_tokens[0]).abs().max() > 1e-3
+    torch.testing.assert_close(guided[1].visual_tokens[0].norm(dim=-1), torch.ones(N))
+
+
+def test_unconditional_prompt_is_the_same_turn_with_an_empty_user_message():
+    model = tiny_model()
+    uncond = encode_prompt(model, "what is this? <image>", torch.randn(1, N, DV), RESPONSE, unconditional=True)
+    expected = model.tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]
+    expected = list(expected) + model.tokenizer.encode(RESPONSE, add_special_tokens=False)
+    assert uncond.input_ids.tolist() == expected and uncond.visual_tokens is None
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sampling_follows_temperature_top_k_and_top_p():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]).repeat(40000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert (sample_tokens(logits[:4]) == 0).all()
+
+    def freq(**kwargs):
+        ids = sample_tokens(logits, generator=gen, **kwargs)
+        return torch.bincount(ids, minlength=6).double() / ids.numel()
+
+    torch.testing.assert_close(freq(temperature=1.0), (logits[0] / 1.0).softmax(-1).double(), atol=0.01, rtol=0)
+    torch.testing.assert_close(freq(temperature=2.0), (logits[0] / 2.0).softmax(-1).double(), atol=0.01, rtol=0)
+    top2 = freq(temperature=1.0, top_k=2)
+    torch.testing.assert_close(top2[:2], logits[0, :2].softmax(-1).double(), atol=0.01, rtol=0)
+    assert top2[2:].sum() == 0
+    # p = [.56, .21, .13, .08, .03, 0]: top_p 0.7 keeps the first two (mass before them: 0, .56 < .7 <= .77)
+    nucleus = freq(temperature=1.0, top_p=0.7)
+    torch.testing.assert_close(nucleus[:2], logits[0, :2].softmax(-1).double(), atol=0.01, rtol=0)
+    assert nucleus[2:].sum() == 0
+    assert freq(temperature=1.0, top_k=3, top_p=0.5)[0] == 1.0
+    assert freq(temperature=5.0, top_k=1)[0] == 1.0
+
+
+def test_sampled_generation_is_reproducible_with_a_generator():
+    model = tiny_model()
+    runs = [generate(model, ["a", "b c"], max_new_tokens=12, temperature=1.0, top_k=10, top_p=0.9,
+                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert_same(*runs)
+    greedy = generate(model, ["a", "b c"], max_new_tokens=12)
+    assert [g.token_ids.tolist() for g in runs[0]] != [g.token_ids.tolist() for g in greedy]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(min_new_tokens=300), "min_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(max_images=-1), "max_images"),
+    (dict(cfg_scale=float("inf")), "cfg_scale"), (dict(stop_check_interval=0), "stop_check_interval"),
+    (dict(eos_token_ids=[10 ** 6]), "eos_token_ids"), (dict(cuda_graph=True), "cuda_graph"),
+    (dict(response_prefix="<image_start> red"), "response_prefix"),
+    (dict(response_prefix=["a", "b"]), "response_prefix"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        generate(model, "red", **kwargs)
+
+
+def test_bad_prompts_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="prompt"):
+        generate(model, [3])
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        generate(model, "a <image> b <image>", visual_tokens=[torch.randn(1, N, DV)])
+    with pytest.raises(ValueError, match="literal <image_start>"):
+        generate(model, "a <image_start> b")
+    with pytest.raises(ValueError, match=r"visual_tokens must be \[M, 64, 16\]"):
+        generate(model, "a <image>", visual_tokens=[torch.randn(1, N, 3)])
+    with pytest.raises(ValueError, match="no encoder"):
+        generate(model, "a <image>", images=[["picture"]])
+    with pytest.raises(ValueError, match="not both"):
+        generate(model, "a <image>", images=[["picture"]], visual_tokens=[torch.randn(1, N, DV)])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_prints_text_writes_tokens_and_pictures(tmp_path, monkeypatch, capsys):
+    from vpit_fast.generate_cli import main
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    decoded = []
+
+    class FakeVisualizer:
+        @classmethod
+        def from_pretrained(cls, directory):
+            return cls()
+
+        def decode(self, tokens):
+            from PIL import Image
+            decoded.append(tokens)
+            return [Image.new("RGB", (8, 8), (255, 0, 0)) for _ in range(tokens.shape[0])]
+
+    monkeypatch.setitem(sys.modules, "vpit_fast.visualizer", types.SimpleNamespace(Visualizer=FakeVisualizer))
+    out = tmp_path / "out"
+    code = main([IMAGE_PROMPT, "--checkpoint", str(tmp_path / "ckpt"), "--out-dir", str(out), "--visualizer", "v",
+                 "--response-prefix", RESPONSE, "--max-new-tokens", "70", "--max-images", "1", "--device", "cpu",
+                 "--dtype", "float32"])
+    assert code == 0
+    expected = generate(model, IMAGE_PROMPT, response_prefix=RESPONSE, max_new_tokens=70, max_images=1)[0]
+    assert capsys.readouterr().out.strip() == expected.text
+    tokens = load_file(str(out / "visual_tokens.safetensors"))["visual_tokens"]
+    assert tokens.shape == (1, N, DV)
+    torch.testing.assert_close(tokens[0], expected.visual_tokens[0])
+    assert (out / "image_0.png").is_file() and decoded[0].shape == (1, N, DV)
+
+    monkeypatch.setitem(sys.modules, "vpit_fast.visualizer", types.SimpleNamespace())
+    with pytest.raises(SystemExit, match="vpit_fast.visualizer.Visualizer"):
+        main([IMAGE_PROMPT, "--checkpoint", str(tmp_path / "ckpt"), "--visualizer", "v"])
+    with pytest.raises(SystemExit, match="not a VPiTModel directory"):
+        main([IMAGE_PROMPT, "--checkpoint", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_graph_decode_equals_eager_decode():
+    model = tiny_model(normalize=True, device="cuda")
+    batch = mixed_batch(model)
+    eager = generate(model, **batch, max_new_tokens=72)
+    graphed = generate(model, **batch, max_new_tokens=72, cuda_graph=True)
+    assert_same(graphed, eager)
+    again = generate(model, **batch, max_new_tokens=72, cuda_graph=True)  # the kept graph, replayed
+    assert_same(again, eager)
+    guided = generate(model, **batch, max_new_tokens=72, cfg_scale=2.0)
+    assert_same(generate(model, **batch, max_new_tokens=72, cfg_scale=2.0, cuda_graph=True), guided)
+    assert_same(generate_uncached(model, **batch, max_new_tokens=72), eager)
