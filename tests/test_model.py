@@ -239,3 +239,19 @@ def test_packed_batch_equals_padded_batch(kind, encoder_dir, tmp_path):
     for name, g in padded_grads.items():
         err = (packed_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
         assert err < 1e-4, (name, err.item())
+
+
+def test_presets_use_real_weights_only_when_cached(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from vpit_fast import presets
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert presets.local_pretrained("llama3.2-1b") is None and presets.local_pretrained("tiny") is None
+    repo = tmp_path / "models--meta-llama--Llama-3.2-1B-Instruct"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    assert presets.local_pretrained("llama3.2-1b") == "meta-llama/Llama-3.2-1B-Instruct"
+    assert presets.llm_config("llama3.2-1b").hidden_size == 2048

@@ -2,13 +2,14 @@
 with the shapes of the paper's models (for benchmarks and scaling runs; nothing is downloaded).
 
 `llm_config(name, vocab_size)` returns a transformers ``LlamaConfig``; `encoder_config(name)` a
-``SiglipVisionConfig``. Real checkpoints are loaded by hub name or path instead (see
-`vpit_fast.VPiTModel.from_base`).
+``SiglipVisionConfig``. `local_pretrained(name)` names the real checkpoint of a preset when it is in
+the local Hugging Face cache: `vpit-train` then loads its weights instead of random ones. Any other
+checkpoint is loaded by hub name or path (see `vpit_fast.VPiTModel.from_base`).
 """
 
 from transformers import LlamaConfig, SiglipVisionConfig
 
-__all__ = ["ENCODERS", "LLMS", "encoder_config", "llm_config"]
+__all__ = ["ENCODERS", "LLMS", "PRETRAINED", "encoder_config", "llm_config", "local_pretrained"]
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -34,6 +35,27 @@ ENCODERS = {
     "siglip-so400m": dict(image_size=384, patch_size=14, hidden_size=1152, num_hidden_layers=27,
                           num_attention_heads=16, intermediate_size=4304),
 }
+
+
+# The checkpoints whose shapes the presets copy: used instead of random weights when present
+# in the local Hugging Face cache (nothing is downloaded).
+PRETRAINED = {
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "siglip-so400m": "google/siglip-so400m-patch14-384",
+}
+
+
+def local_pretrained(name):
+    """The hub id of preset ``name``'s real checkpoint when its files are in the local Hugging Face
+    cache, else None (the preset then builds random weights)."""
+    repo = PRETRAINED.get(name)
+    if repo is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json")
+    return repo if isinstance(found, str) else None
 
 
 def _lookup(table, name, what):

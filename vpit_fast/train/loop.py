@@ -63,16 +63,19 @@ def build_model(config):
         return VPiTModel.from_pretrained(m.init, dtype=torch.float32)
     vpit_config = VPiTConfig(vision_head=m.vision_head, normalize_visual=m.normalize_visual,
                              text_weight=m.text_weight, visual_weight=m.visual_weight)
-    if m.encoder in presets.ENCODERS:
-        visual = VisualTokens.from_config(presets.encoder_config(m.encoder), normalize=m.normalize_visual)
+    # A preset name loads its real checkpoint when it is in the local cache, else random weights.
+    encoder = presets.local_pretrained(m.encoder) or m.encoder
+    llm_name = presets.local_pretrained(m.llm) or m.llm
+    if encoder in presets.ENCODERS:
+        visual = VisualTokens.from_config(presets.encoder_config(encoder), normalize=m.normalize_visual)
     else:
-        visual = VisualTokens.from_pretrained(m.encoder, normalize=m.normalize_visual, dtype=torch.float32)
-    if m.llm in presets.LLMS:
+        visual = VisualTokens.from_pretrained(encoder, normalize=m.normalize_visual, dtype=torch.float32)
+    if llm_name in presets.LLMS:
         tokenizer = AutoTokenizer.from_pretrained(m.tokenizer) if m.tokenizer else build_tokenizer()
-        llm = LlamaForCausalLM(presets.llm_config(m.llm, vocab_size=len(tokenizer)))
+        llm = LlamaForCausalLM(presets.llm_config(llm_name, vocab_size=len(tokenizer)))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.llm)
-        llm = m.llm
+        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or llm_name)
+        llm = llm_name
     return VPiTModel.from_base(llm, tokenizer, visual, vpit_config, dtype=torch.float32)
 
 
