@@ -58,7 +58,10 @@ def setup_runtime(device="auto", store_dir=None):
             dist.init_process_group(backend, device_id=dev if use_cuda else None)
         else:
             os.makedirs(store_dir, exist_ok=True)
-            store = dist.FileStore(os.path.join(store_dir, ".rendezvous"), 1)
+            path = os.path.join(store_dir, ".rendezvous")
+            if os.path.exists(path):  # left by an earlier run in this folder that did not exit cleanly
+                os.remove(path)
+            store = dist.FileStore(path, 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, device_id=dev)
     return Runtime(rank, world_size, local_rank, dev, distributed, fsdp=distributed)
 
