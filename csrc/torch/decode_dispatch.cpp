@@ -81,6 +81,28 @@ void check_decode_dispatch_assemble(const at::Tensor& next_ids, const at::Tensor
                  adapted.sizes());
 }
 
+DecodeStateTensors decode_state_tensors(const at::Tensor& mode, const at::Tensor& visual_count,
+                                        const at::Tensor& images_left, const at::Tensor& text_ids) {
+  const int64_t batch = mode.size(0);
+  const auto fresh = [&](at::ScalarType dtype) {
+    return at::empty({batch}, mode.options().dtype(dtype));
+  };
+  return {mode.contiguous(),       visual_count.contiguous(), images_left.contiguous(),
+          text_ids.contiguous(),   fresh(at::kLong),          fresh(at::kBool),
+          fresh(at::kLong),        fresh(at::kLong),          fresh(at::kLong)};
+}
+
+DecodeStateIn DecodeStateTensors::in() const {
+  return {mode.data_ptr<int64_t>(), visual_count.data_ptr<int64_t>(),
+          images_left.data_ptr<int64_t>(), text_ids.data_ptr<int64_t>()};
+}
+
+DecodeStateOut DecodeStateTensors::out() const {
+  return {next_ids.data_ptr<int64_t>(), emits_visual.data_ptr<bool>(),
+          new_mode.data_ptr<int64_t>(), new_count.data_ptr<int64_t>(),
+          new_left.data_ptr<int64_t>()};
+}
+
 at::Tensor embedding_rows(const at::Tensor& token_embedding) {
   const bool rows_contiguous =
       token_embedding.stride(1) == 1 && token_embedding.stride(0) >= token_embedding.size(1);
@@ -100,24 +122,14 @@ DecodePrepared decode_dispatch_prepare_cpu(const at::Tensor& mode, const at::Ten
       check_decode_dispatch_prepare(mode, visual_count, images_left, text_ids, visual_pred,
                                     eos_ids, num_visual_tokens, image_start_id, image_end_id,
                                     image_token_id, pad_id);
-  const at::Tensor mode_c = mode.contiguous(), count_c = visual_count.contiguous();
-  const at::Tensor left_c = images_left.contiguous(), text_c = text_ids.contiguous();
+  const DecodeStateTensors state = decode_state_tensors(mode, visual_count, images_left, text_ids);
   const at::Tensor eos_c = eos_ids.contiguous();
   const at::Tensor pred32 = visual_pred.to(at::kFloat).contiguous();
   const int64_t batch = mode.size(0), dim = visual_pred.size(1);
-
-  at::Tensor next_ids = at::empty({batch}, mode.options());
-  at::Tensor emits_visual = at::empty({batch}, mode.options().dtype(at::kBool));
-  at::Tensor new_mode = at::empty({batch}, mode.options());
-  at::Tensor new_count = at::empty({batch}, mode.options());
-  at::Tensor new_left = at::empty({batch}, mode.options());
   at::Tensor visual = at::empty({batch, dim}, pred32.options());
 
-  const DecodeStateIn in{mode_c.data_ptr<int64_t>(), count_c.data_ptr<int64_t>(),
-                         left_c.data_ptr<int64_t>(), text_c.data_ptr<int64_t>()};
-  const DecodeStateOut out{next_ids.data_ptr<int64_t>(), emits_visual.data_ptr<bool>(),
-                           new_mode.data_ptr<int64_t>(), new_count.data_ptr<int64_t>(),
-                           new_left.data_ptr<int64_t>()};
+  const DecodeStateIn in = state.in();
+  const DecodeStateOut out = state.out();
   const float* src = pred32.data_ptr<float>();
   float* dst = visual.data_ptr<float>();
   const int64_t* eos = eos_c.data_ptr<int64_t>();
@@ -126,8 +138,8 @@ DecodePrepared decode_dispatch_prepare_cpu(const at::Tensor& mode, const at::Ten
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     cpu::decode_dispatch_prepare(in, src, eos, num_eos, out, dst, begin, end, dim, ids, normalize);
   });
-  return {next_ids, visual.to(visual_pred.scalar_type()), emits_visual, new_mode, new_count,
-          new_left};
+  return {state.next_ids, visual.to(visual_pred.scalar_type()), state.emits_visual, state.new_mode,
+          state.new_count, state.new_left};
 }
 
 at::Tensor decode_dispatch_assemble_cpu(const at::Tensor& next_ids, const at::Tensor& emits_visual,

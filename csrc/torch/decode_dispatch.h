@@ -50,6 +50,17 @@ at::Tensor decode_dispatch_assemble_cuda(const at::Tensor& next_ids,
                                          const at::Tensor& token_embedding);
 #endif
 
+// The state vectors of one prepare call, shared by the CPU and CUDA adapters: the inputs made
+// contiguous, the five fresh [B] outputs, and the kernels' views of both.
+struct DecodeStateTensors {
+  at::Tensor mode, visual_count, images_left, text_ids;              // inputs
+  at::Tensor next_ids, emits_visual, new_mode, new_count, new_left;  // outputs
+  DecodeStateIn in() const;
+  DecodeStateOut out() const;
+};
+DecodeStateTensors decode_state_tensors(const at::Tensor& mode, const at::Tensor& visual_count,
+                                        const at::Tensor& images_left, const at::Tensor& text_ids);
+
 // token_embedding as the kernels read it: rows of contiguous elements (any row stride), so the
 // [V, H] table is never copied; other layouts are made contiguous.
 at::Tensor embedding_rows(const at::Tensor& token_embedding);

@@ -20,29 +20,19 @@ DecodePrepared decode_dispatch_prepare_cuda(const at::Tensor& mode, const at::Te
                                     eos_ids, num_visual_tokens, image_start_id, image_end_id,
                                     image_token_id, pad_id);
   const c10::cuda::CUDAGuard guard(mode.device());
-  const at::Tensor mode_c = mode.contiguous(), count_c = visual_count.contiguous();
-  const at::Tensor left_c = images_left.contiguous(), text_c = text_ids.contiguous();
+  const DecodeStateTensors state = decode_state_tensors(mode, visual_count, images_left, text_ids);
   const at::Tensor eos_c = eos_ids.contiguous(), pred_c = visual_pred.contiguous();
   const int64_t batch = mode.size(0), dim = visual_pred.size(1);
-
-  at::Tensor next_ids = at::empty({batch}, mode.options());
-  at::Tensor emits_visual = at::empty({batch}, mode.options().dtype(at::kBool));
-  at::Tensor new_mode = at::empty({batch}, mode.options());
-  at::Tensor new_count = at::empty({batch}, mode.options());
-  at::Tensor new_left = at::empty({batch}, mode.options());
   at::Tensor visual = at::empty({batch, dim}, visual_pred.options());
 
-  const DecodeStateIn in{mode_c.data_ptr<int64_t>(), count_c.data_ptr<int64_t>(),
-                         left_c.data_ptr<int64_t>(), text_c.data_ptr<int64_t>()};
-  const DecodeStateOut out{next_ids.data_ptr<int64_t>(), emits_visual.data_ptr<bool>(),
-                           new_mode.data_ptr<int64_t>(), new_count.data_ptr<int64_t>(),
-                           new_left.data_ptr<int64_t>()};
   const cudaError_t err = cuda::decode_dispatch_prepare(
-      in, pred_c.data_ptr(), eos_c.data_ptr<int64_t>(), eos_c.numel(), out, visual.data_ptr(),
-      cuda_dtype(visual_pred), batch, dim, ids, normalize, at::cuda::getCurrentCUDAStream());
+      state.in(), pred_c.data_ptr(), eos_c.data_ptr<int64_t>(), eos_c.numel(), state.out(),
+      visual.data_ptr(), cuda_dtype(visual_pred), batch, dim, ids, normalize,
+      at::cuda::getCurrentCUDAStream());
   VPIT_CHECK(err == cudaSuccess, "vpit_fast.decode_dispatch_prepare: CUDA error: ",
              cudaGetErrorString(err));
-  return {next_ids, visual, emits_visual, new_mode, new_count, new_left};
+  return {state.next_ids,  visual,          state.emits_visual,
+          state.new_mode,  state.new_count, state.new_left};
 }
 
 // No host-side id check here: it would need a sync. The kernel asserts on the device instead
