@@ -168,6 +168,12 @@ def real_tokens(batch):
     return int(batch["attention_mask"].sum())
 
 
+def num_samples(batch):
+    """Samples in a batch: packed rows list theirs per row."""
+    ids = batch["sample_ids"]
+    return sum(len(row) for row in ids) if "segment_ids" in batch else len(ids)
+
+
 def train_step(model, micro_batches, config, runtime):
     """Forward and backward over the step's micro-batches. Returns the step's (text loss, visual
     loss) means as a float64 tensor of 2 on the device (still to be summed over ranks)."""
@@ -291,7 +297,8 @@ def train(config):
     gpu = GpuMonitor(runtime.device) if runtime.device.type == "cuda" else None
     metrics = MetricsLogger(out_dir / "metrics.jsonl", enabled=runtime.is_main)
     bar = progress_bar(steps, initial=step, enabled=runtime.is_main and config.progress)
-    window_tokens, window_start, window_losses, interrupted = 0, time.perf_counter(), [], False
+    window_tokens, window_samples, window_start, window_losses = 0, 0, time.perf_counter(), []
+    interrupted = False
 
     def save(at_step):
         ckpt.save_checkpoint(checkpoints, at_step, model, optimizer, scheduler, keep_last=config.keep_last,
@@ -319,13 +326,15 @@ def train(config):
             scheduler.step()
             step += 1
             window_tokens += sum(real_tokens(b) for b in micro_batches) * runtime.world_size
+            window_samples += sum(num_samples(b) for b in micro_batches) * runtime.world_size
 
             if step % config.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                mean_len = window_tokens / max(1, sum(len(b["sample_ids"]) for b in micro_batches) * runtime.world_size)
-                flops = flops_per_token(n_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size,
-                                        mean_len if "segment_ids" in micro_batches[0] else micro_batches[0]["input_ids"].shape[1])
+                # Attention spans a sample in packed rows, the padded row otherwise.
+                packed = "segment_ids" in micro_batches[0]
+                span = window_tokens / max(window_samples, 1) if packed else micro_batches[0]["input_ids"].shape[1]
+                flops = flops_per_token(n_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size, span)
                 utilisation = mfu(tokens_per_s / runtime.world_size, flops, peak)
                 # Means over the steps since the last record: packed rows group samples of similar
                 # length (often one task), so single steps swing widely.
@@ -337,7 +346,7 @@ def train(config):
                           "epoch": data.epoch, **(gpu.read() if gpu else {})}
                 metrics.log(record)
                 bar.set_postfix_str(format_postfix(mean_text, mean_visual, tokens_per_s, utilisation))
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
             bar.update(1)
             if step % config.save_every == 0 and step < steps:
                 save(step)
