@@ -32,27 +32,18 @@ if _extension._C is not None:
     def _setup_context(ctx, inputs, output):
         _, _, grad_hidden, grad_lm, grad_vision = output
         ctx.vision_dtypes = [p.dtype for p in inputs[5]]
-        # Kept as a plain attribute, not save_for_backward: backward takes them out, so the
-        # returned gradients have no other owner and AccumulateGrad adopts them instead of
-        # copying (a copy of the LM-head gradient is 1 GiB at LLaMA-3-8B shapes).
+        # A plain attribute that backward empties, so a second backward is refused (the saved
+        # gradients are scaled in place).
         ctx.grads = [grad_hidden, grad_lm, *grad_vision]
 
     def _backward(ctx, grad_losses, grad_counts, *unused):
-        # Only the total loss (losses[0]) carries gradients; the parts are diagnostics.
         if ctx.grads is None:
-            raise RuntimeError("vpit_fast.head_loss: backward through the same loss twice is not supported "
-                               "(its gradients were computed once, in forward, and have been handed over)")
-        grad_hidden, grad_lm, *grad_vision = ctx.grads
-        ctx.grads = None
-        if grad_hidden.numel() == 0 and grad_lm.numel() == 0:
+            raise RuntimeError(_TWICE)
+        grads, ctx.grads = ctx.grads, None
+        if grads[0].numel() == 0 and grads[1].numel() == 0:
             return (None,) * 12
-        scale = grad_losses[0].float().reshape(1)
-        # In place, and skipped on the device when the incoming gradient is 1 (loss.backward()).
-        torch.ops.vpit_fast.scale_(grad_hidden, scale)
-        torch.ops.vpit_fast.scale_(grad_lm, scale)
-        return (grad_hidden, grad_lm, None, None, None,
-                [(g * scale).to(dtype) for g, dtype in zip(grad_vision, ctx.vision_dtypes)],
-                None, None, None, None, None, None)
+        grad_hidden, grad_lm, grad_vision = _scaled_gradients(grad_losses, grads, ctx.vision_dtypes)
+        return (grad_hidden, grad_lm, None, None, None, grad_vision, None, None, None, None, None, None)
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 
@@ -74,7 +65,22 @@ class _CastHead:
 # autograd below it switched off): on torch 2.11, gradients returned by the op's registered
 # autograd were copied by AccumulateGrad (1 GiB for the LLaMA-3-8B LM head) instead of adopted.
 # torch.compile traces the op with its registered autograd.
-EAGER_AUTOGRAD = "function"  # or "library": the op's registered autograd (for comparisons)
+
+
+_TWICE = ("vpit_fast.head_loss: backward through the same loss twice is not supported (its gradients "
+          "were computed once, in forward)")
+
+
+def _scaled_gradients(grad_losses, grads, vision_dtypes):
+    """The op's gradients ``[hidden, lm_weight, *vision]`` times the incoming gradient of the total
+    loss (losses[0]; the parts are diagnostics). hidden and lm_weight are scaled in place, skipped
+    on the device when the factor is 1 (``loss.backward()``); the fp32 vision gradients are cast to
+    their parameters' dtypes. Returns (hidden, lm_weight, [vision...])."""
+    grad_hidden, grad_lm, *grad_vision = grads
+    scale = grad_losses[0].float().reshape(1)
+    torch.ops.vpit_fast.scale_(grad_hidden, scale)
+    torch.ops.vpit_fast.scale_(grad_lm, scale)
+    return grad_hidden, grad_lm, [(g * scale).to(dtype) for g, dtype in zip(grad_vision, vision_dtypes)]
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -89,22 +95,17 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, grad_counts):
-        if getattr(ctx, "used", False):  # the saved gradients were scaled in place already
-            raise RuntimeError("vpit_fast.head_loss: backward through the same loss twice is not supported "
-                               "(its gradients were computed once, in forward)")
+        if getattr(ctx, "used", False):
+            raise RuntimeError(_TWICE)
         ctx.used = True
-        grad_hidden, grad_lm, *grad_vision = ctx.saved_tensors
-        scale = grad_losses[0].float().reshape(1)
-        torch.ops.vpit_fast.scale_(grad_hidden, scale)
-        torch.ops.vpit_fast.scale_(grad_lm, scale)
-        return (None, grad_hidden, grad_lm,
-                *[(g * scale).to(dtype) for g, dtype in zip(grad_vision, ctx.vision_dtypes)])
+        grad_hidden, grad_lm, grad_vision = _scaled_gradients(grad_losses, ctx.saved_tensors, ctx.vision_dtypes)
+        return (None, grad_hidden, grad_lm, *grad_vision)
 
 
 def _run_eager(args):
     """(losses, counts) of the op, with gradients through `_FusedHeadLoss` when they are needed."""
     hidden, lm_weight, params, need_grads = args[0], args[1], args[5], args[11]
-    if not need_grads or EAGER_AUTOGRAD == "library":
+    if not need_grads:
         losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
         return losses, counts
     return _FusedHeadLoss.apply(args, hidden, lm_weight, *params)
