@@ -109,3 +109,23 @@ def test_two_ranks_match_one_for_the_same_global_batch(tmp_path):
     for step in a:
         for x, y in zip(a[step], b[step]):
             assert abs(x - y) <= 1e-5 * abs(x), (step, a[step], b[step])
+
+
+def test_missing_image_files_are_reported_not_encoded(tmp_path):
+    """A record whose image file is missing is left out with the dataset's counted warning; it is
+    never trained on blank tokens."""
+    from vpit_fast.data import ShapesDataset
+    from vpit_fast.train.parallel import setup_runtime
+
+    data = ShapesDataset(size=20, image_size=108)
+    data.save_images(tmp_path / "images")
+    data.write_jsonl(tmp_path / "train.jsonl")
+    missing = data[0]["image"][0]
+    (tmp_path / "images" / f"{missing}.png").unlink()
+    cfg = config(tmp_path / "run", "data.source=" + str(tmp_path / "train.jsonl"),
+                 "data.image_root=" + str(tmp_path / "images"))
+    model = loop.build_model(cfg)
+    with pytest.warns(UserWarning, match="missing"):
+        train_set, _, _ = loop.build_data(cfg, model, setup_runtime("cpu"))
+    assert train_set.skipped["missing_image"] >= 1
+    assert all(f"{missing}.png" not in s.image_keys for s in train_set.samples)

@@ -436,5 +436,3 @@ def _resize_embeddings(llm, num_tokens, multiple, token_ids, mean_of):
     for weight in tables:
         mean = weight[:mean_of].float().mean(0).to(weight.dtype)
         weight[index.to(weight.device)] = mean
-    if llm.config.get_text_config().vocab_size != rows:
-        llm.config.get_text_config().vocab_size = rows

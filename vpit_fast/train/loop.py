@@ -90,42 +90,47 @@ def set_trainable(model, stage):
 
 
 def records_and_images(config):
-    """(train records, eval records, image loader ``key -> PIL``) of ``config.data``."""
-    from vpit_fast.data.dataset import ImageFolder, load_records
+    """(train records, eval records, image source) of ``config.data``; the source is a
+    `vpit_fast.data.dataset.ImageFolder` or `ImageFunction`."""
+    from vpit_fast.data.dataset import ImageFolder, ImageFunction, load_records
     from vpit_fast.data.shapes import ShapesDataset
 
     d = config.data
     if d.source == "shapes":
         train = ShapesDataset("train", size=d.shapes_size, seed=d.shapes_seed, image_size=d.shapes_image_size)
         held_out = ShapesDataset("eval", size=d.eval_size, seed=d.shapes_seed, image_size=d.shapes_image_size)
-        return list(train), list(held_out), train.image
+        return list(train), list(held_out), ImageFunction(train.image)
     if not d.source:
         raise ValueError("data.source is empty: give a LLaVA-style .json/.jsonl file (data.source=PATH "
                          "data.image_root=DIR) or data.source=shapes")
     folder = ImageFolder(d.image_root or os.path.dirname(os.path.abspath(d.source)))
-    return load_records(d.source), [], folder.load
+    return load_records(d.source), [], folder
 
 
-def precompute_tokens(model, records, load_image, out_dir, runtime):
-    """Encodes every distinct image of ``records`` once (rank 0; the others wait and read)."""
+def precompute_tokens(model, records, images, out_dir, runtime):
+    """Encodes every distinct image of ``records`` that ``images`` has, once (rank 0; the others
+    wait and read). Missing images are left out, so the dataset reports their records (a counted
+    warning, or an error with data.on_error=raise); an image that fails to decode stops the run
+    with its path."""
+    from vpit_fast.data.dataset import ImageLoadError
     from vpit_fast.visual_tokens import load_precomputed
 
     tokens_dir = Path(out_dir, "visual_tokens")
     if runtime.is_main and not (tokens_dir / "index.json").is_file():
-        keys = sorted({k for r in records for k in (r.get("image") or []) if isinstance(k, str)}
-                      | {r["image"] for r in records if isinstance(r.get("image"), str)})
-        visual = model.visual.to(runtime.device)
+        named = set()
+        for record in records:
+            entry = record.get("image") if isinstance(record, dict) else None
+            named.update([entry] if isinstance(entry, str) else entry if isinstance(entry, list) else [])
+        keys = sorted(k for k in named if isinstance(k, str) and images.exists(k))
         log(runtime, f"encoding {len(keys)} images once into {tokens_dir}")
 
-        def load_or_skip(key):
+        def load(key):
             try:
-                return load_image(key)
-            except (OSError, ValueError):  # the dataset reports it (counted warning) as a missing image
-                from PIL import Image
+                return images.load(key)
+            except (OSError, ValueError) as error:
+                raise ImageLoadError(f"image {images.where(key)} cannot be read: {error}") from error
 
-                return Image.new("RGB", (visual.tower.config.image_size,) * 2)
-
-        visual.precompute(keys, load_or_skip, tokens_dir, progress=True)
+        model.visual.to(runtime.device).precompute(keys, load, tokens_dir, progress=True)
         model.visual.to("cpu")
     if runtime.distributed:
         dist.barrier()
@@ -136,12 +141,12 @@ def build_data(config, model, runtime):
     from vpit_fast.data.dataset import VPiTDataset
 
     d = config.data
-    train_records, eval_records, load_image = records_and_images(config)
+    train_records, eval_records, source = records_and_images(config)
     if d.precompute:
-        images = precompute_tokens(model, train_records + eval_records, load_image, config.out_dir, runtime)
+        images = precompute_tokens(model, train_records + eval_records, source, config.out_dir, runtime)
         processor = None
     else:
-        images, processor = load_image, model.visual.processor
+        images, processor = source, model.visual.processor
     common = dict(tokenizer=model.tokenizer, images=images, num_visual_tokens=model.config.num_visual_tokens,
                   processor=processor, budget=d.budget or None, on_error=d.on_error, seed=config.seed)
     train_set = VPiTDataset(train_records, **common)
