@@ -2,6 +2,7 @@
 
 Public API:
     interpolate_tokens  -- SigLIP patch tokens -> a smaller grid (64 tokens), bilinear, fused L2 norm
+    decode_attention    -- one query token per row against a KV cache (split-K on CUDA), grouped heads
     head_loss           -- fused LM head + CE on text rows and vision head + cosine on visual rows
     VPiTHeads           -- the module owning both heads, computing head_loss in its forward
     HeadLoss            -- what head_loss returns
@@ -13,11 +14,12 @@ __version__ = "0.1.0"
 
 from vpit_fast._extension import build_info
 from vpit_fast.heads import VPiTHeads
+from vpit_fast.ops.decode_attention import decode_attention
 from vpit_fast.ops.head_loss import head_loss
 from vpit_fast.ops.interpolate_tokens import interpolate_tokens
 from vpit_fast.ops.types import HeadLoss
 
-__all__ = ["__version__", "HeadLoss", "VPiTConfig", "VPiTHeads", "VPiTModel", "build_info", "head_loss",
+__all__ = ["__version__", "HeadLoss", "VPiTConfig", "VPiTHeads", "VPiTModel", "build_info", "decode_attention", "head_loss",
            "interpolate_tokens"]
 
 

@@ -72,6 +72,9 @@ import torch.nn.functional as F
 from vpit_fast.data.conversations import chat_template
 from vpit_fast.data.shapes import IMAGE
 from vpit_fast.data.tokenizer import IMAGE_END, IMAGE_START
+from vpit_fast import _extension
+from vpit_fast.ops.decode_attention import MAX_HEAD_DIM
+from vpit_fast.ops.decode_attention import decode_attention as fused_decode_attention
 # The fused dispatch (reference: vpit_fast.ops.reference) and the per-row modes of the decode state.
 from vpit_fast.ops.decode_dispatch import DONE, IMAGE_MODE, TEXT, dispatch_next_inputs
 
@@ -439,11 +442,11 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     whole static cache.
 
     query: ``[B, H, 1, D]``; key, value: ``[B, Hkv, L, D]`` (the cache); attention_mask:
-    ``[B, 1, 1, L]`` bool (True = attend). The ``H / Hkv`` query heads that share a KV head are
-    packed as that head's queries, so SDPA reads each cached key and value once. transformers'
-    sdpa path in 5.17 (5.23 packs the same way) copies the whole cache per layer per step to
-    repeat the KV heads whenever a mask is given: a LLaMA-3.2-1B step at batch 16 took 10.8 ms
-    on an H100 that way, 3.7 ms packed. Returns ``(out [B, 1, H, D], None)``.
+    ``[B, 1, 1, L]`` bool (True = attend). Runs `vpit_fast.ops.decode_attention` (split-K over
+    the cache, each cached key and value read once per group of query heads sharing it) when the
+    compiled op takes the case and, on CUDA, while ``B * Hkv <= FUSED_DECODE_MAX_PAIRS``; otherwise SDPA with the query heads that share a KV head packed as
+    that head's queries (transformers' own sdpa path copies the whole cache per layer per step to
+    repeat the KV heads whenever a mask is given). Returns ``(out [B, 1, H, D], None)``.
     """
     B, H, q, D = query.shape
     Hkv = key.shape[1]
@@ -454,9 +457,30 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     if sliding_window is not None and key.shape[2] > sliding_window:
         raise ValueError(f"{DECODE_ATTENTION} does not support sliding windows (window {sliding_window}, "
                          f"cache {key.shape[2]})")
+    if _fused_decode_attention_takes(query, key, attention_mask, dropout):
+        valid = attention_mask[:, 0, 0, :]
+        out = fused_decode_attention(query.reshape(B, H, D), key, value, valid, scaling)
+        return out[:, None], None
     out = F.scaled_dot_product_attention(query.reshape(B, Hkv, H // Hkv, D), key, value, attn_mask=attention_mask,
                                          dropout_p=dropout, scale=scaling)
     return out.reshape(B, H, 1, D).transpose(1, 2), None
+
+
+# On CUDA the split-K op wins while the (row, KV head) pairs are few, the decode step of small
+# batches; with many pairs a dense kernel already fills the GPU. Measured on an H100 (LLaMA-3.2-1B
+# layer, 2176-slot cache): 8 pairs (batch 1) 0.019 ms vs SDPA 0.041 ms; 128 pairs (batch 16)
+# 0.079 ms vs 0.045 ms (benchmarks/bench_decode_attention.py).
+FUSED_DECODE_MAX_PAIRS = 64
+
+
+def _fused_decode_attention_takes(query, key, attention_mask, dropout):
+    many_pairs = query.shape[0] * key.shape[1] > FUSED_DECODE_MAX_PAIRS
+    if query.device.type == "cuda" and many_pairs:
+        return False
+    return (_extension._C is not None and dropout == 0.0 and query.device.type in ("cpu", "cuda")
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float16) and query.shape[-1] <= MAX_HEAD_DIM
+            and attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1)
 
 
 def _register_decode_attention():

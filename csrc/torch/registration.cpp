@@ -2,6 +2,7 @@
 // Fake (meta) implementations and autograd are registered from Python (vpit_fast/ops/).
 #include <torch/library.h>
 
+#include "decode_attention.h"
 #include "decode_dispatch.h"
 #include "head_loss.h"
 #include "interpolate_tokens.h"
@@ -24,6 +25,8 @@ TORCH_LIBRARY(vpit_fast, m) {
         "Tensor new_visual_count, Tensor new_images_left)");
   m.def("decode_dispatch_assemble(Tensor next_ids, Tensor emits_visual, Tensor adapted, "
         "Tensor token_embedding) -> Tensor");
+  m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor key_valid, float scale) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
@@ -33,6 +36,7 @@ TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("scale_", &vpit::scale_inplace_cpu);
   m.impl("decode_dispatch_prepare", &vpit::decode_dispatch_prepare_cpu);
   m.impl("decode_dispatch_assemble", &vpit::decode_dispatch_assemble_cpu);
+  m.impl("decode_attention", &vpit::decode_attention_cpu);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
@@ -43,5 +47,6 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("scale_", &vpit::scale_inplace_cuda);
   m.impl("decode_dispatch_prepare", &vpit::decode_dispatch_prepare_cuda);
   m.impl("decode_dispatch_assemble", &vpit::decode_dispatch_assemble_cuda);
+  m.impl("decode_attention", &vpit::decode_attention_cuda);
 }
 #endif

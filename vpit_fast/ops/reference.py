@@ -125,3 +125,24 @@ def dispatch_next_inputs(mode, visual_count, images_left, text_ids, visual_pred,
     new_count = torch.where(emits_end | starts_image, 0, new_count)
     new_left = images_left - starts_image.long()
     return next_embeds, next_ids, visual, new_mode, new_count, new_left
+
+
+def decode_attention(query, key, value, key_valid, scale):
+    """Attention of one query token per (row, head) over a KV cache's valid slots, in the
+    inputs' dtype (float64 for reference answers).
+
+    query ``[B, H, D]``; key, value ``[B, Hkv, L, D]`` with ``H`` a multiple of ``Hkv`` (query head
+    ``h`` reads KV head ``h // (H // Hkv)``); key_valid ``[B, L]`` bool. Returns ``[B, H, D]``:
+    the softmax over valid slots of ``scale * q.k``, applied to the values; zeros for a row with no
+    valid slot. Invalid slots never enter the result, whatever they hold.
+    """
+    B, H, D = query.shape
+    Hkv = key.shape[1]
+    group = H // Hkv if Hkv else 1
+    k = key.repeat_interleave(group, dim=1)
+    v = value.repeat_interleave(group, dim=1)
+    valid = key_valid[:, None, :]
+    scores = torch.einsum("bhd,bhld->bhl", query, k.masked_fill(~valid[..., None], 0)) * scale
+    scores = scores.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid slot: all -inf
+    return torch.einsum("bhl,bhld->bhd", probs, v.masked_fill(~valid[..., None], 0))
