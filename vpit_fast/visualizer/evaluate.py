@@ -75,7 +75,8 @@ def format_result(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vpit_fast.visualizer.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vpit_fast.visualizer.evaluate",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--visualizer", required=True, help="a Visualizer directory (or a training run's out_dir)")
     parser.add_argument("--encoder", required=True,
                         help="the tokens' encoder: a VPiT export directory, an encoder preset or a SigLIP path")

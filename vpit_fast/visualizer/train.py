@@ -37,6 +37,7 @@ saved weights only), EMA weights, several GPUs.
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -299,7 +300,7 @@ def train_visualizer(config):
     checked = set(check_keys)
     keys = [k for k in keys if k not in checked]
     if check_keys:
-        held_out = check_keys[::max(1, len(check_keys) // max(1, config.sample_count))][:config.sample_count]
+        held_out = random.Random(config.seed).sample(check_keys, min(config.sample_count, len(check_keys)))
         train_keys = keys
     else:
         order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(config.seed)).tolist()
@@ -314,7 +315,8 @@ def train_visualizer(config):
     else:
         batches = loader_batches(dataset, config.batch_size, config.num_workers, seed=config.seed)
     log(f"{trainable / 1e6:.2f}M trainable parameters; {len(dataset)} training images "
-        f"({len(check_keys) or len(held_out)} held out) of {visualizer.image_size}px with [{num_tokens}, {visual_dim}] tokens; "
+        f"({len(check_keys) or len(held_out)} held out) of {visualizer.image_size}px with "
+        f"[{num_tokens}, {visual_dim}] tokens; "
         f"{config.batch_size * config.grad_accum} images per step on {device}")
 
     # ---- optimizer and schedule --------------------------------------------------------------
