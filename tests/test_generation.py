@@ -324,7 +324,7 @@ def test_cli_prints_text_writes_tokens_and_pictures(tmp_path, monkeypatch, capsy
         def from_pretrained(cls, directory):
             return cls()
 
-        def decode(self, tokens):
+        def decode(self, tokens, **kwargs):
             from PIL import Image
             decoded.append(tokens)
             return [Image.new("RGB", (8, 8), (255, 0, 0)) for _ in range(tokens.shape[0])]

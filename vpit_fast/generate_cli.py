@@ -7,7 +7,9 @@ Prints the generated text (each generated image shows as ``<image>``) on stdout.
 generated, writes their visual tokens to ``OUT_DIR/visual_tokens.safetensors`` (one tensor
 ``visual_tokens`` ``[M, 64, Dv]``, the prompt and text in the metadata) and, with
 ``--visualizer``, the pictures the visualizer decodes from them as ``OUT_DIR/image_<i>.png``.
-The visualizer (`vpit_fast.visualizer.Visualizer`) is imported only when asked for.
+The visualizer (`vpit_fast.visualizer.Visualizer`) is imported only when asked for. With
+``--check`` (for the shapes of the embedded default), every picture is classified by
+`vpit_fast.visualizer.check` and compared with the kind and colour the prompt names.
 """
 
 import argparse
@@ -25,7 +27,12 @@ def _parser():
     parser.add_argument("--checkpoint", required=True, help="a directory VPiTModel.save_pretrained wrote")
     parser.add_argument("--image", action="append", default=[], help="an input picture (repeatable)")
     parser.add_argument("--out-dir", default=".", help="where visual tokens and PNGs go (default: .)")
-    parser.add_argument("--visualizer", default=None, help="a visualizer checkpoint: decode generated images to PNG")
+    parser.add_argument("--visualizer", default=None,
+                        help="a visualizer checkpoint (or a vpit-train-visualizer out_dir): decode generated images "
+                             "to PNG")
+    parser.add_argument("--decode-steps", type=int, default=50, help="the visualizer's DDIM steps (default 50)")
+    parser.add_argument("--check", action="store_true",
+                        help="shapes only: say whether each picture shows the kind and colour the prompt names")
     parser.add_argument("--encoder", default=None, help="SigLIP name/path when the checkpoint has no encoder/")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--min-new-tokens", type=int, default=0)
@@ -51,7 +58,25 @@ def _load_visualizer(directory):
     except ImportError as error:
         raise SystemExit(f"vpit-generate: --visualizer needs vpit_fast.visualizer.Visualizer, which this "
                          f"installation does not provide ({error})") from error
-    return Visualizer.from_pretrained(directory)
+    try:
+        return Visualizer.from_pretrained(directory)
+    except FileNotFoundError as error:
+        raise SystemExit(f"vpit-generate: --visualizer: {error}") from error
+
+
+def _report_checks(pictures, prompt):
+    """Prints, per picture, what `vpit_fast.visualizer.check` sees against what ``prompt`` asks."""
+    from vpit_fast.visualizer.check import check_picture, parse_request
+
+    kind, color = parse_request(prompt)
+    asked = " ".join(w for w in (color, kind) if w) or "nothing the checker knows"
+    for i, picture in enumerate(pictures):
+        seen = check_picture(picture)
+        shown = " ".join(w for w in (seen.color, seen.kind) if w) or "nothing (a blank picture)"
+        verdict = "" if kind is None and color is None else \
+            (" -> right" if seen.shows(kind, color) else " -> wrong")
+        print(f"vpit-generate: check image_{i}: shows {shown} (shape match IoU {seen.iou:.2f}); asked {asked}{verdict}",
+              file=sys.stderr)
 
 
 def _load_images(paths):
@@ -78,6 +103,8 @@ def main(argv=None):
     if not Path(args.checkpoint, "vpit_config.json").is_file():
         raise SystemExit(f"vpit-generate: --checkpoint {args.checkpoint} is not a VPiTModel directory "
                          f"(no vpit_config.json)")
+    if args.check and not args.visualizer:
+        raise SystemExit("vpit-generate: --check needs --visualizer (it checks the decoded pictures)")
     visualizer = _load_visualizer(args.visualizer) if args.visualizer else None  # fail before the slow part
     images = _load_images(args.image)
     model = VPiTModel.from_pretrained(args.checkpoint, dtype=dtype, device=device, encoder=args.encoder)
@@ -104,9 +131,13 @@ def main(argv=None):
     save_file({"visual_tokens": tokens.contiguous()}, str(path), metadata={"prompt": args.prompt, "text": result.text})
     print(f"vpit-generate: wrote {tokens.shape[0]} image(s) of visual tokens to {path}", file=sys.stderr)
     if visualizer is not None:
-        for i, picture in enumerate(visualizer.decode(tokens)):
+        pictures = visualizer.decode(tokens.float(), steps=args.decode_steps,
+                                     generator=torch.Generator().manual_seed(args.seed))
+        for i, picture in enumerate(pictures):
             picture.save(out_dir / f"image_{i}.png")
         print(f"vpit-generate: wrote {tokens.shape[0]} PNG(s) to {out_dir}", file=sys.stderr)
+        if args.check:
+            _report_checks(pictures, args.prompt)
     return 0
 
 

@@ -385,14 +385,29 @@ class VPiTModel(nn.Module):
             self.visual.tower.save_pretrained(directory / ENCODER_DIR)
             self.visual.processor.save_pretrained(directory / ENCODER_DIR)
 
+    @staticmethod
+    def load_visual(directory, dtype=None, encoder=None):
+        """The visual-token component of a `save_pretrained` directory alone (no LLM is loaded),
+        exactly as `from_pretrained` builds it: its ``encoder/`` (or ``encoder``, a name / path)
+        with the saved layer, grid and normalisation. None when there is no encoder. Whatever
+        space the model predicts visual tokens in, this component makes them (the visualizer
+        trains on its output)."""
+        from vpit_fast.visual_tokens import VisualTokens
+
+        directory = Path(directory)
+        config = VPiTConfig.load(directory)
+        source = encoder if encoder is not None else (directory / ENCODER_DIR if (directory / ENCODER_DIR).is_dir() else None)
+        if source is None:
+            return None
+        return VisualTokens.from_pretrained(source, layer=config.encoder_layer, out_size=config.grid,
+                                            normalize=config.normalize_visual, dtype=dtype)
+
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device=None, encoder=None,
                         attn_implementation=PACKED_ATTENTION):
         """Loads what `save_pretrained` wrote. ``encoder``: a name / path to load the encoder from
         when the directory has none (None: the directory's, or no encoder)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from vpit_fast.visual_tokens import VisualTokens
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
@@ -406,12 +421,7 @@ class VPiTModel(nn.Module):
         if varlen:
             _use_packed_attention(llm)
         tokenizer = AutoTokenizer.from_pretrained(directory / LLM_DIR)
-        source = encoder if encoder is not None else (directory / ENCODER_DIR if (directory / ENCODER_DIR).is_dir() else None)
-        visual = None
-        if source is not None:
-            visual = VisualTokens.from_pretrained(source, layer=config.encoder_layer, out_size=config.grid,
-                                                  normalize=config.normalize_visual, dtype=dtype)
-        model = cls(llm, tokenizer, config, visual)
+        model = cls(llm, tokenizer, config, cls.load_visual(directory, dtype=dtype, encoder=encoder))
         state = load_file(str(directory / WEIGHTS_FILE))
         model.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
         model.heads.vision_head.load_state_dict(

@@ -10,6 +10,9 @@ Public API:
     LogWarmupLinearDecay -- the paper's learning-rate schedule (a LambdaLR multiplier)
     train_visualizer  -- the training run (`python -m vpit_fast.visualizer.train`)
     VisualizerTrainConfig, TRAIN_PRESETS -- its configuration and named presets
+    check.check_picture -- does a picture show the asked shape and colour (the shapes data)
+    evaluate            -- a visualizer's kind and colour accuracy on held-out true tokens
+                           (`python -m vpit_fast.visualizer.evaluate`)
 """
 
 from vpit_fast.visualizer.model import Visualizer

@@ -29,13 +29,19 @@ def load_encoder(encoder, normalize=False):
     if encoder in presets.ENCODERS:
         return VisualTokens.from_config(presets.encoder_config(encoder), normalize=normalize)
     if Path(encoder, "vpit_config.json").is_file():
-        from vpit_fast.model import VPiTConfig
+        from vpit_fast.model import VPiTModel
 
-        config = VPiTConfig.load(encoder)
-        if not Path(encoder, "encoder").is_dir():
+        # The model's own loading path, so the tokens are exactly those the model predicts.
+        visual = VPiTModel.load_visual(encoder, dtype=torch.float32)
+        if visual is None:
             raise FileNotFoundError(f"VPiT export {encoder!r} was saved without its encoder/ directory")
-        return VisualTokens.from_pretrained(Path(encoder, "encoder"), layer=config.encoder_layer, out_size=config.grid,
-                                            normalize=config.normalize_visual, dtype=torch.float32)
+        return visual
+    if (encoder.startswith((".", "/")) or encoder.count("/") > 1 or Path(encoder).parent.is_dir()) \
+            and not Path(encoder).exists():
+        # A local path that is not there (e.g. runs/tiny/export before `vpit-train` ran): say so
+        # instead of asking the hub for a repository of that name.
+        raise FileNotFoundError(f"encoder {encoder!r}: no such directory (for the embedded default, run "
+                                f"`vpit-train` first to write runs/tiny/export, or give encoder=tiny)")
     return VisualTokens.from_pretrained(encoder, normalize=normalize, dtype=torch.float32)
 
 

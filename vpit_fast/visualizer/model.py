@@ -8,6 +8,12 @@ Classifier-free guidance: training replaces a random fraction of the contexts wi
 null context ``[T, C]`` (zeros at the start); sampling mixes the two predictions (noise or velocity),
 ``pred = pred_null + guidance_scale * (pred_cond - pred_null)``.
 
+Spatial conditioning (``spatial_condition=True``, the "tiny-cpu" preset; not in the paper): the
+context, seen as its token grid (8x8), is also resized to the UNet's input and concatenated to
+it as C extra channels. The tokens of a grid cell describe that part of the picture, so a tiny
+UNet only has to decode them locally; through cross-attention alone (whose keys carry no
+position) it must first learn where every token belongs, which a few CPU minutes do not teach.
+
 Saved layout (`Visualizer.save_pretrained`)::
 
     visualizer_config.json   widths, token count, image size, where the tokens come from
@@ -16,6 +22,7 @@ Saved layout (`Visualizer.save_pretrained`)::
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,7 +32,7 @@ from torch import nn
 from vpit_fast.visualizer.presets import SCHEDULERS, preset
 from vpit_fast.visualizer.projector import TokenProjector
 
-__all__ = ["Visualizer"]
+__all__ = ["Visualizer", "resolve_directory"]
 
 CONFIG_FILE = "visualizer_config.json"
 WEIGHTS_FILE = "projector.safetensors"
@@ -49,19 +56,26 @@ class Visualizer(nn.Module):
             downsampling).
         token_source: optional JSON-serialisable description of the tokens' encoder (e.g.
             `VisualTokens.settings()`), saved with the model.
+        spatial_condition: also feed the context as a channel map (see the module docstring);
+            ``num_tokens`` must be a square grid and the UNet must take C more input channels.
     """
 
-    def __init__(self, unet, projector, scheduler, vae=None, num_tokens=64, image_size=32, token_source=None):
+    def __init__(self, unet, projector, scheduler, vae=None, num_tokens=64, image_size=32, token_source=None,
+                 spatial_condition=False):
         super().__init__()
         cross = unet.config.cross_attention_dim
         if projector.cross_attention_dim != cross:
             raise ValueError(f"projector's output width {projector.cross_attention_dim} differs from the UNet's "
                              f"cross_attention_dim {cross}")
         channels = 3 if vae is None else vae.config.latent_channels
-        if unet.config.in_channels != channels or unet.config.out_channels != channels:
-            raise ValueError(f"the UNet must take and give {channels} channels "
-                             f"({'pixels' if vae is None else 'VAE latents'}), got in_channels="
+        extra = cross if spatial_condition else 0
+        if unet.config.in_channels != channels + extra or unet.config.out_channels != channels:
+            raise ValueError(f"the UNet must take {channels + extra} and give {channels} channels "
+                             f"({'pixels' if vae is None else 'VAE latents'}"
+                             f"{f' + a {extra}-channel token map' if extra else ''}), got in_channels="
                              f"{unet.config.in_channels}, out_channels={unet.config.out_channels}")
+        if spatial_condition and (not isinstance(num_tokens, int) or math.isqrt(num_tokens) ** 2 != num_tokens):
+            raise ValueError(f"spatial_condition needs a square token grid, got num_tokens={num_tokens!r}")
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {scheduler.config.prediction_type!r}")
@@ -71,6 +85,7 @@ class Visualizer(nn.Module):
         self.num_tokens = num_tokens
         self.image_size = self._check_image_size(image_size)
         self.token_source = token_source
+        self.spatial_condition = bool(spatial_condition)
         self.null_condition = nn.Parameter(torch.zeros(num_tokens, cross))
         if vae is not None:
             vae.requires_grad_(False)
@@ -96,7 +111,7 @@ class Visualizer(nn.Module):
         projector = TokenProjector(visual_dim, unet.config.cross_attention_dim,
                                    projector_hidden_dim or configs["projector_hidden_dim"])
         return cls(unet, projector, DDPMScheduler(**configs["scheduler"]), vae, num_tokens=num_tokens,
-                   image_size=image_size, token_source=token_source)
+                   image_size=image_size, token_source=token_source, spatial_condition=configs["spatial_condition"])
 
     @classmethod
     def from_stable_diffusion(cls, path, visual_dim, num_tokens=64, projector_hidden_dim=2048, image_size=None,
@@ -193,6 +208,18 @@ class Visualizer(nn.Module):
             context = torch.where(drop.to(context.device)[:, None, None], null, context)
         return context
 
+    def predict(self, sample, t, context):
+        """The UNet's prediction (noise, velocity or sample, as the schedule says) for ``sample``
+        ``[B, c, s, s]`` at timesteps ``t`` given the context ``[B, T, C]``; with
+        ``spatial_condition`` the context's token grid, resized to ``s x s`` (bilinear), is
+        concatenated to the input as C more channels."""
+        if self.spatial_condition:
+            side = math.isqrt(self.num_tokens)
+            grid = context.transpose(1, 2).reshape(context.shape[0], -1, side, side)  # tokens are row-major
+            grid = F.interpolate(grid.float(), size=sample.shape[-2:], mode="bilinear", align_corners=False)
+            sample = torch.cat([sample, grid.to(sample.dtype)], dim=1)
+        return self.unet(sample.to(self.unet.dtype), t, encoder_hidden_states=context).sample
+
     # ---- training ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -233,7 +260,7 @@ class Visualizer(nn.Module):
         t = torch.randint(0, steps, (batch,), generator=generator, device=device)
         drop = torch.rand(batch, generator=generator, device=device) < cond_dropout
         noisy = self.scheduler.add_noise(clean, noise, t)
-        prediction = self.unet(noisy, t, encoder_hidden_states=self.condition(visual_tokens, drop)).sample
+        prediction = self.predict(noisy, t, self.condition(visual_tokens, drop))
         kind = self.scheduler.config.prediction_type
         target = noise if kind == "epsilon" else clean if kind == "sample" else \
             self.scheduler.get_velocity(clean, noise, t)
@@ -283,13 +310,13 @@ class Visualizer(nn.Module):
         context = self.condition(tokens)
         if guided:
             context = torch.cat([self.null_condition.to(context.dtype).expand_as(context), context])
-        shape = (count, self.unet.config.in_channels, self.latent_size, self.latent_size)
+        shape = (count, self.unet.config.out_channels, self.latent_size, self.latent_size)
         noise_device = generator.device if generator is not None else device
         sample = torch.randn(shape, generator=generator, device=noise_device, dtype=torch.float32).to(device)
         sample = sample * sampler.init_noise_sigma
         for t in sampler.timesteps:
             model_input = sampler.scale_model_input(torch.cat([sample] * 2) if guided else sample, t)
-            prediction = self.unet(model_input.to(self.unet.dtype), t, encoder_hidden_states=context).sample.float()
+            prediction = self.predict(model_input, t, context).float()
             if guided:
                 uncond, cond = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (cond - uncond)
@@ -306,7 +333,8 @@ class Visualizer(nn.Module):
         return {"format": CONFIG_FORMAT, "visual_dim": self.visual_dim, "num_tokens": self.num_tokens,
                 "projector_hidden_dim": self.projector.hidden_dim,
                 "cross_attention_dim": self.projector.cross_attention_dim, "image_size": self.image_size,
-                "pixel_space": self.vae is None, "token_source": self.token_source}
+                "pixel_space": self.vae is None, "token_source": self.token_source,
+                "spatial_condition": self.spatial_condition}
 
     def save_pretrained(self, directory):
         """Writes the layout of the module docstring into ``directory`` (created if missing)."""
@@ -326,13 +354,13 @@ class Visualizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device=None):
-        """Loads what `save_pretrained` wrote; ``dtype`` and ``device`` place every part."""
+        """Loads what `save_pretrained` wrote (``directory``, or the ``visualizer/`` inside a
+        `vpit-train-visualizer` out_dir), in eval mode; ``dtype`` and ``device`` place every
+        part."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_FILE}: not a Visualizer directory")
+        directory = resolve_directory(directory)
         with open(directory / CONFIG_FILE) as f:
             config = json.load(f)
         if config.get("format") != CONFIG_FORMAT:
@@ -342,14 +370,24 @@ class Visualizer(nn.Module):
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
         projector = TokenProjector(config["visual_dim"], config["cross_attention_dim"], config["projector_hidden_dim"])
         model = cls(unet, projector, scheduler, vae, num_tokens=config["num_tokens"], image_size=config["image_size"],
-                    token_source=config.get("token_source"))
+                    token_source=config.get("token_source"), spatial_condition=config.get("spatial_condition", False))
         state = load_file(str(directory / WEIGHTS_FILE))
         model.projector.load_state_dict({k[len("projector."):]: v for k, v in state.items()
                                          if k.startswith("projector.")})
         model.null_condition.data.copy_(state["null_condition"])
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
-        return model
+        return model.eval()
+
+
+def resolve_directory(directory):
+    """``directory`` when it holds a saved visualizer, else its ``visualizer/`` subdirectory when
+    that does (the out_dir of a `vpit-train-visualizer` run); FileNotFoundError otherwise."""
+    for candidate in (Path(directory), Path(directory, "visualizer")):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_FILE} (nor visualizer/{CONFIG_FILE}): not a "
+                            f"Visualizer directory (nor a vpit-train-visualizer out_dir)")
 
 
 def _vae_factor(vae):

@@ -4,6 +4,11 @@
            level, cross-attention at the lower level and in the middle), cross-attention dim 64,
            projector hidden 256 (1.0M trainable parameters): about 60 images/s of training on
            two CPU cores (1 step/s at batch 64).
+    tiny-cpu  pixel space, 24x24 (the smallest side at which the checker of
+           `vpit_fast.visualizer.check` still tells every small shape apart), two levels (16, 32
+           channels), cross-attention 32, projector hidden 128, and spatial conditioning (the
+           token grid also enters as 32 input channels; see `Visualizer`): 0.27M parameters, for
+           the embedded default on two CPU cores.
     small  pixel space, 64x64, three levels (64, 128, 128), cross-attention 128, projector hidden
            512 (6.8M trainable parameters): shapes drawn at twice tiny's resolution, for a GPU.
     sd15   the shapes of Stable Diffusion 1.5: a 4-channel latent UNet (320, 640, 1280, 1280),
@@ -22,6 +27,11 @@ UNETS = {
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                  cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8),
+    # in_channels: the pixels and the 32-channel token map of spatial conditioning.
+    "tiny-cpu": dict(sample_size=24, in_channels=35, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
     "small": dict(sample_size=64, in_channels=3, out_channels=3, block_out_channels=(64, 128, 128), layers_per_block=1,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -57,6 +67,8 @@ SCHEDULERS = {
 
 VISUALIZERS = {
     "tiny": dict(unet="tiny", vae=None, scheduler="pixel", projector_hidden_dim=256, image_size=32),
+    "tiny-cpu": dict(unet="tiny-cpu", vae=None, scheduler="pixel", projector_hidden_dim=128, image_size=24,
+                     spatial_condition=True),
     "small": dict(unet="small", vae=None, scheduler="pixel", projector_hidden_dim=512, image_size=64),
     "sd15": dict(unet="sd15", vae="sd15", scheduler="sd15", projector_hidden_dim=2048, image_size=512),
 }
@@ -65,11 +77,13 @@ VISUALIZERS = {
 def preset(name):
     """The configs of visualizer preset ``name``: a dict with ``unet`` (UNet2DConditionModel
     fields), ``vae`` (AutoencoderKL fields, or None for pixel space), ``scheduler``
-    (DDPMScheduler fields), ``projector_hidden_dim`` and ``image_size``. New dicts each call."""
+    (DDPMScheduler fields), ``projector_hidden_dim``, ``image_size`` and ``spatial_condition``.
+    New dicts each call."""
     if name not in VISUALIZERS:
         raise ValueError(f"unknown visualizer preset {name!r}; choose one of {sorted(VISUALIZERS)}")
     entry = VISUALIZERS[name]
     return {"unet": dict(UNETS[entry["unet"]]),
             "vae": None if entry["vae"] is None else dict(VAES[entry["vae"]]),
             "scheduler": dict(SCHEDULERS[entry["scheduler"]]),
-            "projector_hidden_dim": entry["projector_hidden_dim"], "image_size": entry["image_size"]}
+            "projector_hidden_dim": entry["projector_hidden_dim"], "image_size": entry["image_size"],
+            "spatial_condition": entry.get("spatial_condition", False)}

@@ -2,19 +2,28 @@
 
     python -m vpit_fast.visualizer.train                          # preset "tiny": shapes, pixel space
     python -m vpit_fast.visualizer.train --preset tiny steps=3000 batch_size=256
+    python -m vpit_fast.visualizer.train --preset tiny-cpu        # for runs/tiny/export, on a CPU
     python -m vpit_fast.visualizer.train --preset paper init=/models/stable-diffusion-v1-5 \\
         encoder=google/siglip-so400m-patch14-384 data=/data/images
 
 Sections: set-up -> encoder and tokens (computed once, then the encoder is dropped) -> images ->
 visualizer -> optimizer and schedule -> the loop (bf16 autocast on GPU, fp32 on CPU; condition
-dropout; gradient clipping; metrics JSONL; tqdm) -> the end (save, sample grid).
+dropout; gradient clipping; metrics JSONL; tqdm) -> the end (save, sample grid, the check of
+held-out pictures of one shape).
 
 Presets:
     tiny    the embedded default: the tiny random-weight SigLIP (encoder "tiny") over the shapes
-            images (2717 of them), the "tiny" pixel-space visualizer at 32x32; batch 256, lr 1e-3,
-            log warm-up 100 steps, linear decay over 1900. On one H100: 18.6 steps/s (about
-            2 minutes); held-out images decode to the right shapes, colours and positions
+            images (2717 of them; 72 pictures of one shape are now kept out for the check), the
+            "tiny" pixel-space visualizer at 32x32; batch 256, lr 1e-3, log warm-up 100 steps,
+            linear decay over 1900. On one H100 (measured before the check existed): 18.6 steps/s
+            (about 2 minutes); held-out images decode to the right shapes, colours and positions
             (pixel MSE 0.18 in [-1, 1] units). On two CPU cores: about 60 images/s.
+    tiny-cpu  the embedded default's visualizer on two CPU cores: the tokens of the exported
+            VPiT model's own encoder (``runs/tiny/export``: run ``vpit-train`` first), the
+            "tiny-cpu" preset (24x24, spatial conditioning); batch 64, lr 2e-3, 600 steps; writes
+            ``runs/tiny/visualizer``. Like every shapes run it keeps 72 pictures of one shape out
+            of training and checks at the end that their true tokens decode to the right kind and
+            colour (``check.json``; README gives the measured figures).
     paper   MetaMorph appendix A.2: Stable Diffusion 1.5 (``init`` = a local diffusers-format
             directory; random SD-1.5-shaped weights without one), SigLIP-so400m tokens, AdamW
             (0.9, 0.999), wd 0.01, log warm-up over 2000 steps to 1.1e-5, linear decay to zero
@@ -26,7 +35,9 @@ saved weights only), EMA weights, several GPUs.
 """
 
 import argparse
+import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -56,6 +67,9 @@ class VisualizerTrainConfig:
     device (small data sets) instead of a DataLoader.
     steps: optimizer steps (0: ``warmup_steps + decay_steps``). batch_size * grad_accum images
     per step. sample_every: write a sample grid every so many steps (0: at the end only).
+    check_count: with data=shapes, that many pictures of one shape (a multiple of 24, see
+    `vpit_fast.visualizer.evaluate.held_out_keys`) are kept out of training; at the end their true
+    tokens are decoded and checked for kind and colour (``check.json``; 0: no check).
     """
 
     model: str = "tiny"
@@ -68,6 +82,7 @@ class VisualizerTrainConfig:
     data: str = "shapes"
     shapes_size: int = 3000
     shapes_seed: int = 0
+    check_count: int = 72
     cache: bool = True
     num_workers: int = 4
     batch_size: int = 256
@@ -96,7 +111,7 @@ class VisualizerTrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("steps", "warmup_steps", "decay_steps", "image_size", "projector_hidden_dim", "sample_every",
-                    "sample_count", "num_workers"):
+                    "sample_count", "num_workers", "check_count"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.total_steps < 1:
@@ -114,6 +129,11 @@ class VisualizerTrainConfig:
 
 TRAIN_PRESETS = {
     "tiny": VisualizerTrainConfig(),
+    # The embedded default's visualizer on two CPU cores: the tokens of the exported VPiT model's
+    # own encoder (run `vpit-train` first), the small "tiny-cpu" UNet at 24x24.
+    "tiny-cpu": VisualizerTrainConfig(
+        model="tiny-cpu", encoder="runs/tiny/export", batch_size=64, lr=2e-3, warmup_steps=50, decay_steps=550,
+        out_dir="runs/tiny/visualizer", sample_steps=25, num_workers=0),
     "paper": VisualizerTrainConfig(
         model="sd15", encoder="google/siglip-so400m-patch14-384", data="", cache=False, num_workers=8,
         batch_size=64, grad_accum=33, lr=1.1e-5, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=2000,
@@ -161,16 +181,25 @@ def precomputed_tokens(config, keys, draw, device):
         tokens = load_precomputed(config.tokens_dir)
         return list(tokens.keys()), tokens
     tokens_dir = Path(config.out_dir, "visual_tokens")
-    if (tokens_dir / "index.json").is_file():
-        tokens = load_precomputed(tokens_dir)
-        if all(k in tokens for k in keys):
-            log(f"reusing the visual tokens in {tokens_dir}")
-            return keys, tokens
     encoder = load_encoder(config.encoder, normalize=config.normalize_visual).to(device)
     size = encoder.tower.config.image_size
+    if (tokens_dir / "index.json").is_file():
+        tokens = load_precomputed(tokens_dir)
+        # Reused only when they cover every key and this encoder remakes them (a run with another
+        # encoder in the same out_dir must not train on stale tokens).
+        if all(k in tokens for k in keys) and _same_tokens(encoder, tokens, keys[0], draw(keys[0], size)):
+            log(f"reusing the visual tokens in {tokens_dir}")
+            return keys, tokens
     log(f"encoding {len(keys)} images once into {tokens_dir}")
     tokens = encoder.precompute(keys, lambda key: draw(key, size), tokens_dir, progress=config.progress)
     return keys, tokens
+
+
+def _same_tokens(encoder, tokens, key, image):
+    """True when ``encoder`` turns ``image`` (the picture of ``key``) into the stored tokens."""
+    fresh = encoder.encode_images([image])[0].float()
+    stored = tokens[key].float()
+    return fresh.shape == stored.shape and torch.allclose(fresh, stored, rtol=1e-4, atol=1e-5)
 
 
 def token_source(tokens):
@@ -231,12 +260,16 @@ def _autocast(device):
 def train_visualizer(config):
     """Runs ``config`` (a `VisualizerTrainConfig`). Returns a dict: ``step``, ``losses`` (one
     float per optimizer step), ``steps_per_s`` (after the first step), ``images_per_s``,
-    ``out_dir``, ``visualizer`` (the saved directory), ``samples`` (the grid PNG) and
-    ``sample_mse`` (pixel MSE of the grid's pictures)."""
+    ``out_dir``, ``visualizer`` (the saved directory), ``samples`` (the grid PNG),
+    ``sample_mse`` (pixel MSE of the grid's pictures), ``train_seconds`` (from the call to the last
+    step: encoding the tokens included, saving and the check not) and ``check`` (`vpit_fast.visualizer.evaluate`'s
+    accuracies on the held-out pictures of one shape, or None)."""
     from vpit_fast.visualizer.data import (PairedImages, image_source, loader_batches, materialise, random_batches,
                                            to_unit_range)
+    from vpit_fast.visualizer.evaluate import evaluate_visualizer, format_result, held_out_keys
 
     # ---- set-up ------------------------------------------------------------------------------
+    run_started = time.perf_counter()
     config.validate()
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +281,11 @@ def train_visualizer(config):
     if not config.data:
         raise ValueError("data is empty: give data=shapes or data=<image folder> (tokens_dir holds only tokens)")
     keys, draw = image_source(config.data, config.shapes_size, config.shapes_seed)
-    keys, tokens = precomputed_tokens(config, keys, draw, device)
+    # Pictures of one shape kept out of training, to check at the end that unseen tokens decode
+    # to the right kind and colour (shapes only; see `vpit_fast.visualizer.evaluate`).
+    check_keys = held_out_keys(config.check_count, config.shapes_seed) if config.data == "shapes" else []
+    keys, tokens = precomputed_tokens(config, sorted(set(keys) | set(check_keys)), draw, device)
+    check_keys = [k for k in check_keys if k in tokens]
     num_tokens, visual_dim = tokens.num_tokens, tokens.hidden_size
 
     # ---- visualizer --------------------------------------------------------------------------
@@ -258,10 +295,18 @@ def train_visualizer(config):
         visualizer.unet.compile()
     trainable = sum(p.numel() for p in visualizer.parameters() if p.requires_grad)
 
-    # A few images never trained on show in the sample grid how well unseen tokens decode.
-    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    held_out = [keys[i] for i in order[:config.sample_count]]
-    dataset = PairedImages([keys[i] for i in order[config.sample_count:]], draw, tokens, visualizer.image_size)
+    # A few images never trained on show in the sample grid how well unseen tokens decode: some of
+    # the check's pictures (spread over kinds and colours), else a random few.
+    checked = set(check_keys)
+    keys = [k for k in keys if k not in checked]
+    if check_keys:
+        held_out = random.Random(config.seed).sample(check_keys, min(config.sample_count, len(check_keys)))
+        train_keys = keys
+    else:
+        order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        held_out = [keys[i] for i in order[:config.sample_count]]
+        train_keys = [keys[i] for i in order[config.sample_count:]]
+    dataset = PairedImages(train_keys, draw, tokens, visualizer.image_size)
     sample_images, sample_tokens = materialise(PairedImages(held_out, draw, tokens, visualizer.image_size),
                                                progress=False)
     if config.cache:
@@ -269,8 +314,9 @@ def train_visualizer(config):
         batches = random_batches(images.to(device), all_tokens.to(device), config.batch_size, seed=config.seed)
     else:
         batches = loader_batches(dataset, config.batch_size, config.num_workers, seed=config.seed)
-    log(f"{trainable / 1e6:.2f}M trainable parameters; {len(dataset)} training images ({len(held_out)} held out "
-        f"for samples) of {visualizer.image_size}px with [{num_tokens}, {visual_dim}] tokens; "
+    log(f"{trainable / 1e6:.2f}M trainable parameters; {len(dataset)} training images "
+        f"({len(check_keys) or len(held_out)} held out) of {visualizer.image_size}px with "
+        f"[{num_tokens}, {visual_dim}] tokens; "
         f"{config.batch_size * config.grad_accum} images per step on {device}")
 
     # ---- optimizer and schedule --------------------------------------------------------------
@@ -338,12 +384,25 @@ def train_visualizer(config):
     if config.sample_count:
         mse = save_samples(visualizer, sample_images, sample_tokens, samples, config, device)
         metrics.log(step=steps, sample_mse=mse)
+    train_seconds = finished - run_started
+    check = None
+    if check_keys:
+        # The held-out pictures' true tokens -> pictures -> do they show the right kind and colour?
+        visualizer.eval()
+        check_tokens = torch.stack([tokens[k] for k in check_keys]).float()
+        check, _ = evaluate_visualizer(visualizer, check_tokens, check_keys, steps=config.sample_steps,
+                                       seed=config.seed, progress=config.progress)
+        metrics.log(step=steps, **{f"check_{k}": v for k, v in check.items()})
+        (out_dir / "check.json").write_text(json.dumps(check, indent=2))
+        log(f"check: {format_result(check)}")
     metrics.close()
-    log(f"done: {steps} steps at {steps_per_s:.2f} steps/s; loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-        f"visualizer {save_dir}" + (f"; samples {samples} (pixel MSE {mse:.4f})" if mse is not None else ""))
-    return {"step": steps, "losses": losses, "steps_per_s": steps_per_s,
+    log(f"done: {steps} steps in {train_seconds:.0f} s ({steps_per_s:.2f} steps/s); loss {losses[0]:.4f} -> "
+        f"{losses[-1]:.4f}; visualizer {save_dir}"
+        + (f"; samples {samples} (pixel MSE {mse:.4f})" if mse is not None else ""))
+    return {"step": steps, "losses": losses, "steps_per_s": steps_per_s, "train_seconds": train_seconds,
             "images_per_s": steps_per_s * config.batch_size * config.grad_accum, "out_dir": str(out_dir),
-            "visualizer": str(save_dir), "samples": str(samples) if config.sample_count else None, "sample_mse": mse}
+            "visualizer": str(save_dir), "samples": str(samples) if config.sample_count else None, "sample_mse": mse,
+            "check": check}
 
 
 # ----------------------------------------------------------------------------------------------
