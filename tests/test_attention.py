@@ -213,6 +213,21 @@ def test_varlen_attention_matches_dense_reference(kv_heads, sliding_window):
         assert rel_error(g, w) <= TOL, f"d{name}"
 
 
+def test_autocast_casts_mixed_dtypes_like_sdpa():
+    """Under autocast (HF Trainer with bf16), RoPE may hand over fp32 query and key with a bf16
+    value: all run in the autocast dtype, as SDPA does; without autocast that is an error."""
+    cu, max_len = random_segments()
+    n = int(cu[-1])
+    q, k = torch.randn(n, 4, 16), torch.randn(n, 2, 16)
+    v = torch.randn(n, 2, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, cu, max_len)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, varlen_attention(q.bfloat16(), k.bfloat16(), v, cu, max_len))
+    with pytest.raises(ValueError, match="share a dtype"):
+        varlen_attention(q, k, v, cu, max_len)
+
+
 def test_dropout_is_applied_in_training():
     cu, max_len = random_segments()
     q, k, v = (torch.randn(int(cu[-1]), 4, 16) for _ in range(3))

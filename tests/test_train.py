@@ -97,7 +97,7 @@ def test_two_ranks_match_one_for_the_same_global_batch(tmp_path):
     import subprocess
     import sys
 
-    common = SMALL + ["steps=3", "evaluate=false", "model.dtype=float32", "data.shapes_size=40"]
+    common = SMALL + ["steps=3", "evaluate=false", "model.dtype=float32", "data.shapes_size=40", "device=cpu"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vpit_fast.train",
            *common, "data.batch_size=1", f"out_dir={tmp_path / 'two'}"]

@@ -182,7 +182,8 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen, *, scale=None, d
     """Causal attention within each segment of a flattened token stream.
 
     query: ``[N, H, D]``; key, value: ``[N, Hkv, D]`` (``H % Hkv == 0``; GQA/MQA), one dtype and
-        device. cu_seqlens: ``[S + 1]`` integer boundaries, 0 first and N last (checked on the
+        device (under autocast: any dtypes, all cast to the autocast dtype, as SDPA does).
+        cu_seqlens: ``[S + 1]`` integer boundaries, 0 first and N last (checked on the
         ``sdpa_per_segment`` path; the CUDA kernels trust it to avoid a device sync).
         max_seqlen: int, at least the longest segment.
     scale: softmax scale, default ``D ** -0.5``. dropout: attention dropout probability.
@@ -200,6 +201,11 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen, *, scale=None, d
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads "
                          f"({key.shape[1]})")
+    if torch.is_autocast_enabled(query.device.type):
+        # As SDPA under autocast: everything in the autocast dtype. (LLaMA's RoPE leaves query and
+        # key in fp32 when its cos/sin are fp32, while value left its projection in bf16.)
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(f"query, key, value must share a dtype, got {query.dtype}, {key.dtype}, "
                          f"{value.dtype}")

@@ -468,9 +468,10 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 # On CUDA the split-K op wins while the (row, KV head) pairs are few, the decode step of small
 # batches; with many pairs a dense kernel already fills the GPU. Measured on an H100 (LLaMA-3.2-1B
-# layer, 2176-slot cache): 8 pairs (batch 1) 0.019 ms vs SDPA 0.041 ms; 128 pairs (batch 16)
-# 0.079 ms vs 0.045 ms (benchmarks/bench_decode_attention.py).
-FUSED_DECODE_MAX_PAIRS = 64
+# layer, 2176-slot cache, benchmarks/bench_decode_attention.py): batch 1 (8 pairs) 0.019 ms vs
+# SDPA 0.041 ms; batch 4 (32) 0.028 vs 0.041; batch 8 (64) 0.047 vs 0.041; batch 16 (128) 0.079
+# vs 0.045. LLaMA-3-8B shapes cross over at the same batch.
+FUSED_DECODE_MAX_PAIRS = 32
 
 
 def _fused_decode_attention_takes(query, key, attention_mask, dropout):

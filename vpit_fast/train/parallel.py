@@ -46,6 +46,9 @@ def setup_runtime(device="auto", store_dir=None):
         raise RuntimeError("device=cuda was asked for but torch sees no CUDA GPU")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; start at most "
+                           "that many processes per node (torchrun --nproc-per-node), or pass device=cpu")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
