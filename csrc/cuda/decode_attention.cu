@@ -15,6 +15,7 @@
 // divides by the global sum; a row with no valid slot gets zeros.
 #include "decode_attention.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "dtypes.cuh"
@@ -28,6 +29,7 @@ constexpr int kMaxGroup = 8;  // query heads per block
 // A slot's probabilities move as two float4s (split kernel); change those lines with this.
 static_assert(kMaxGroup == 8, "the probability rows are read and written as two float4s");
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int64_t kMaxSplits = 4096;
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -36,8 +38,8 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Shared memory of the split kernel, in floats: queries [kMaxGroup][dim], probabilities
-// [kThreads][kMaxGroup] (a slot's probabilities for all query heads in two 16-byte reads), running max, sum and rescale factor [3][kMaxGroup], and the slot groups'
-// running weighted sums [slot_groups][kMaxGroup][dim].
+// [kThreads][kMaxGroup] (a slot's probabilities for all query heads in two 16-byte reads), running max, sum and rescale factor [3][kMaxGroup], the tile's validity
+// [kThreads], and the slot groups' running weighted sums [slot_groups][kMaxGroup][dim].
 struct ChunkLayout {
   int packs;        // head_dim / VEC
   int pack_threads; // threads across one value row: min(packs, kThreads)
@@ -48,7 +50,8 @@ struct ChunkLayout {
     slot_groups = kThreads / pack_threads;
   }
   __host__ __device__ int64_t floats(int64_t dim) const {
-    return kMaxGroup * dim + kMaxGroup * kThreads + 3 * kMaxGroup + int64_t(slot_groups) * kMaxGroup * dim;
+    return kMaxGroup * dim + kMaxGroup * kThreads + 3 * kMaxGroup + kThreads +
+           int64_t(slot_groups) * kMaxGroup * dim;
   }
 };
 
@@ -81,7 +84,8 @@ split_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __
   float* max_sh = p_sh + kMaxGroup * kThreads;  // [kMaxGroup] running max (log2 units)
   float* sum_sh = max_sh + kMaxGroup;           // [kMaxGroup] running sum of exp2(score - max)
   float* alpha_sh = sum_sh + kMaxGroup;         // [kMaxGroup] rescale of the sums so far
-  float* acc_sh = alpha_sh + kMaxGroup;         // [slot_groups][kMaxGroup][dim]
+  float* live_sh = alpha_sh + kMaxGroup;        // [kThreads] 1 where the tile's slot is valid
+  float* acc_sh = live_sh + kThreads;           // [slot_groups][kMaxGroup][dim]
 
   const float q_scale = s.scale * kLog2e;
   for (int64_t i = tid; i < count * dim; i += kThreads) {
@@ -102,6 +106,7 @@ split_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __
     const bool live = slot < s.cache_len && valid[slot];
     if (!__syncthreads_or(live)) continue;  // uniform: nothing valid in this tile
     any_live = true;
+    live_sh[tid] = live ? 1.f : 0.f;  // read in step 3, after two barriers
 
     // 1. scores, one slot per thread
     float score[kMaxGroup] = {};
@@ -163,12 +168,16 @@ split_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __
       for (int pack = tid % layout.pack_threads; pack < layout.packs; pack += layout.pack_threads) {
         const int64_t col = int64_t(pack) * VEC;
         float acc[kMaxGroup][VEC] = {};
-        for (int j = slot_group; j < kThreads; j += layout.slot_groups) {
-          const int64_t l = tile * kThreads + j;
-          // Invalid slots are skipped, not weighted by 0: an unfilled cache may hold NaN.
-          if (l >= s.cache_len || !valid[l]) continue;
+        const int slots = static_cast<int>(min(int64_t(kThreads), s.cache_len - tile * kThreads));
+        // Unrolled without a branch around the loads, so several value rows are in flight.
+#pragma unroll 4
+        for (int j = slot_group; j < slots; j += layout.slot_groups) {
           float v[VEC];
-          load_floats<T, VEC>(v_head + l * s.v_stride_l + col, v);
+          load_floats<T, VEC>(v_head + (tile * kThreads + j) * s.v_stride_l + col, v);
+          // An invalid slot's value is zeroed, not just weighted by 0: an unfilled cache may hold NaN.
+          const bool slot_live = live_sh[j] != 0.f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) v[i] = slot_live ? v[i] : 0.f;
           const float4* p_row = reinterpret_cast<const float4*>(p_sh + j * kMaxGroup);
           const float4 p_lo = p_row[0], p_hi = p_row[1];
           const float p[kMaxGroup] = {p_lo.x, p_lo.y, p_lo.z, p_lo.w, p_hi.x, p_hi.y, p_hi.z, p_hi.w};
@@ -210,23 +219,65 @@ split_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __
   }
 }
 
+// The block's maximum / sum of v (blockDim.x == kThreads); `scratch` holds kWarps floats.
+__device__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, scratch[w]);
+  __syncthreads();  // scratch is reused
+  return m;
+}
+
+__device__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// The merge's weights, padded to whole 16-byte words: the unrolled loop over the splits reads them
+// several at a time (compute-sanitizer saw a 12-byte read past a 1-split array without padding).
+__host__ __device__ constexpr int64_t merge_weight_floats(int64_t splits) { return (splits + 3) / 4 * 4; }
+
+// One block per (row, query head): the splits' weights exp2(max - global max) go to shared
+// memory (0 for skipped splits), computed by the threads together, then each output column sums
+// the weighted partial outputs.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 merge_kernel(const float* __restrict__ part_out, const float* __restrict__ part_max,
              const float* __restrict__ part_sum, int64_t splits, int64_t dim, T* __restrict__ out) {
+  extern __shared__ float weight_sh[];  // [merge_weight_floats(splits)], zeros past splits
+  __shared__ float scratch[kWarps];
   const int64_t pair = blockIdx.x;  // b * heads + h
   const float* maxes = part_max + pair * splits;
   const float* sums = part_sum + pair * splits;
   float m = -INFINITY;
-  for (int64_t c = 0; c < splits; ++c)
+  for (int64_t c = threadIdx.x; c < splits; c += kThreads)
     if (sums[c] > 0.f) m = fmaxf(m, maxes[c]);
+  m = block_max(m, scratch);
   float denom = 0.f;
-  for (int64_t c = 0; c < splits; ++c)
-    if (sums[c] > 0.f) denom += exp2f(maxes[c] - m) * sums[c];
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+  for (int64_t c = threadIdx.x; c < merge_weight_floats(splits); c += kThreads) {
+    const float w = c < splits && sums[c] > 0.f ? exp2f(maxes[c] - m) : 0.f;
+    weight_sh[c] = w;
+    if (c < splits) denom += w * sums[c];
+  }
+  denom = block_sum(denom, scratch);  // its barriers also publish weight_sh
+  const float* partial = part_out + pair * splits * dim;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) {
     float acc = 0.f;
-    for (int64_t c = 0; c < splits; ++c)
-      if (sums[c] > 0.f) acc += exp2f(maxes[c] - m) * part_out[(pair * splits + c) * dim + d];
+#pragma unroll 4
+    for (int64_t c = 0; c < splits; ++c) {
+      const float w = weight_sh[c];
+      // A skipped split's partial output was never written: it is not read.
+      if (w > 0.f) acc += w * partial[c * dim + d];
+    }
     out[pair * dim + d] = Float<T>::store(denom > 0.f ? acc / denom : 0.f);
   }
 }
@@ -243,7 +294,8 @@ Splits splits_of(const DecodeAttentionShape& s, int num_sms) {
   const int64_t other_blocks = s.batch * s.kv_heads * group_slices;
   const int64_t wanted = (2 * int64_t(num_sms > 0 ? num_sms : 1) + other_blocks - 1) / other_blocks;
   const int64_t splits = wanted < tiles ? wanted : tiles;
-  const int64_t per_split = (tiles + splits - 1) / splits;
+  // At most kMaxSplits splits, so the merge's per-split weights fit in shared memory.
+  const int64_t per_split = std::max((tiles + splits - 1) / splits, (tiles + kMaxSplits - 1) / kMaxSplits);
   return {per_split, (tiles + per_split - 1) / per_split};
 }
 
@@ -267,7 +319,8 @@ cudaError_t launch(const void* query, const void* key, const void* value, const 
       key_valid, s, group_slices, split.tiles_per_split, splits, part_out, part_max, part_sum);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  merge_kernel<T><<<static_cast<unsigned>(pairs), kThreads, 0, stream>>>(
+  merge_kernel<T><<<static_cast<unsigned>(pairs), kThreads, size_t(merge_weight_floats(splits)) * sizeof(float),
+                     stream>>>(
       part_out, part_max, part_sum, splits, s.head_dim, static_cast<T*>(out));
   return cudaGetLastError();
 }
