@@ -27,6 +27,11 @@ class ModelConfig:
     tokenizer: name / path; empty: the LLM's own, or the embedded word-level tokenizer for presets.
     encoder: a preset of `vpit_fast.presets.ENCODERS` or a SigLIP name / path.
     init: a `VPiTModel.save_pretrained` directory to start from (e.g. stage 1's export).
+    normalize_visual: L2-normalise the visual tokens.
+    standardize_visual: standardise the visual tokens with statistics of the training images (the
+        mean token at each grid position, the per-channel std; `VisualTokens.fit_standardization`),
+        saved with the exported encoder. The tiny preset turns it on: its random-weight tower makes
+        tokens that share most of their direction across images (mean cosine 0.9).
     dtype: parameters' compute dtype on GPU (bfloat16 or float32); the CPU runs in float32.
     """
 
@@ -36,6 +41,7 @@ class ModelConfig:
     init: str = ""
     vision_head: str = "linear"
     normalize_visual: bool = False
+    standardize_visual: bool = False
     text_weight: float = 1.0
     visual_weight: float = 1.0
     dtype: str = "bfloat16"
@@ -47,7 +53,9 @@ class DataConfig:
     (images under ``image_root``). budget: tokens per packed row (0: plain padded batches).
     batch_size: rows per rank per micro-batch. precompute: encode every image once before training
     (the tower then never runs in the loop). shapes_*: size, image side and seed of the shapes data
-    (``eval_size`` records of its held-out split are evaluated)."""
+    (``eval_size`` records of its held-out split are evaluated); shapes_tasks: the train split's
+    task cycle (a name may repeat to weigh the mix; empty: every task once), the held-out split
+    always cycles through every task."""
 
     source: str = "shapes"
     image_root: str = ""
@@ -59,7 +67,8 @@ class DataConfig:
     shapes_size: int = 8000
     shapes_image_size: int = 108
     shapes_seed: int = 0
-    eval_size: int = 350
+    shapes_tasks: tuple[str, ...] = ()
+    eval_size: int = 1050  # 150 records of each task: 150 generation prompts, 150 image questions
 
 
 @dataclass
@@ -132,7 +141,7 @@ def _paper(stage, lr, rows, init=""):
 
 
 PRESETS = {
-    "tiny": TrainConfig(),
+    "tiny": TrainConfig(model=ModelConfig(standardize_visual=True)),
     "paper-stage1": _paper("stage1", 4.90e-5, 192),
     "paper-stage2": _paper("stage2", 6.93e-5, 384, init="runs/paper-stage1/export"),
     "bench-1b": TrainConfig(
