@@ -7,7 +7,7 @@ SigLIP-so400m@384) and bilinearly resampled to a small grid (8x8 = 64 tokens) by
 model (input tokens and vision-head targets) and the visualizer, so both see identical tokens.
 
 Optional standardisation (`VisualTokens.fit_standardization`): subtract the training images' mean
-token at each grid position and divide by the per-channel standard deviation, after the
+token and divide by the per-channel standard deviation, after the
 interpolation and before any L2 normalisation. It is for towers whose tokens share a large
 component across images (the random-weight tiny SigLIP: mean cosine 0.9 between different images),
 where that component dominates the cosine loss and the retrieval; the statistics travel with the
@@ -79,8 +79,8 @@ class VisualTokens(nn.Module):
         normalize: L2-normalise every output token (fused into the interpolation, or after the
             standardisation when there is one).
         name_or_path: where the tower came from, recorded by `precompute`.
-        standardization: None, or ``(mean, std)``: ``mean`` ``[oh*ow, D]`` (the mean token at each
-            grid position), ``std`` ``[D]`` (per channel, > 0); tokens become ``(t - mean) / std``.
+        standardization: None, or ``(mean, std)``: ``mean`` ``[D]`` (the mean token), ``std``
+            ``[D]`` (per channel, > 0); tokens become ``(t - mean) / std``.
             See `fit_standardization`.
     """
 
@@ -139,8 +139,8 @@ class VisualTokens(nn.Module):
 
     def save_pretrained(self, directory):
         """Writes the tower and its image processor (transformers format) and, when set, the
-        standardisation statistics (``visual_standardization.safetensors``: ``mean`` ``[oh*ow, D]``,
-        ``std`` ``[D]``, float32), all loadable with `from_pretrained`."""
+        standardisation statistics (``visual_standardization.safetensors``: ``mean`` and ``std``
+        ``[D]``, float32), all loadable with `from_pretrained`."""
         from safetensors.torch import save_file
 
         self.tower.save_pretrained(directory)
@@ -204,12 +204,12 @@ class VisualTokens(nn.Module):
     # ---- standardisation ---------------------------------------------------------------------
 
     def set_standardization(self, mean, std):
-        """Sets the statistics: ``mean`` ``[oh*ow, D]``, ``std`` ``[D]`` (all > 0); kept in
-        float32 on the tower's device."""
+        """Sets the statistics: ``mean`` ``[D]``, ``std`` ``[D]`` (all > 0); kept in float32 on
+        the tower's device."""
         mean, std = torch.as_tensor(mean), torch.as_tensor(std)
-        if tuple(mean.shape) != (self.num_tokens, self.hidden_size) or tuple(std.shape) != (self.hidden_size,):
-            raise ValueError(f"standardization needs mean [{self.num_tokens}, {self.hidden_size}] and std "
-                             f"[{self.hidden_size}], got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if tuple(mean.shape) != (self.hidden_size,) or tuple(std.shape) != (self.hidden_size,):
+            raise ValueError(f"standardization needs mean and std of shape [{self.hidden_size}], got "
+                             f"{tuple(mean.shape)} and {tuple(std.shape)}")
         if not bool((std > 0).all()):
             raise ValueError("standardization std must be positive in every channel")
         self.token_mean = mean.to(self.device, torch.float32)
@@ -231,11 +231,11 @@ class VisualTokens(nn.Module):
 
     def fit_standardization(self, images, batch_size=32):
         """Sets the statistics from ``images`` (PIL images, e.g. a sample of the training set):
-        the mean token at each of the ``oh*ow`` positions over the images, and each channel's
-        standard deviation of what is left (over images and positions), both of the raw tokens
-        (before L2 normalisation). A per-position mean removes what every image shares at a
-        place (the position embeddings' trace, the background); the per-channel scale keeps the
-        tokens' geometry within a position. Returns self."""
+        the mean token and each channel's standard deviation, over the images and the ``oh*ow``
+        positions, of the raw tokens (before L2 normalisation). One mean for all positions, not
+        one per position: a per-position mean would make the tokens of a place that is
+        background in most images nearly zero, and a cosine target of nearly zero is noise.
+        Returns self."""
         normalize, self.normalize = self.normalize, False
         self.clear_standardization()
         try:
@@ -244,8 +244,8 @@ class VisualTokens(nn.Module):
             self.normalize = normalize
         if tokens.shape[0] < 2:
             raise ValueError(f"fit_standardization needs at least 2 images, got {tokens.shape[0]}")
-        mean = tokens.mean(0)
-        std = (tokens - mean).reshape(-1, self.hidden_size).std(0).clamp_min(1e-6)
+        flat = tokens.reshape(-1, self.hidden_size)
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
         self.set_standardization(mean, std)
         return self
 

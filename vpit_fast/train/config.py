@@ -29,7 +29,7 @@ class ModelConfig:
     init: a `VPiTModel.save_pretrained` directory to start from (e.g. stage 1's export).
     normalize_visual: L2-normalise the visual tokens.
     standardize_visual: standardise the visual tokens with statistics of the training images (the
-        mean token at each grid position, the per-channel std; `VisualTokens.fit_standardization`),
+        mean token, the per-channel std; `VisualTokens.fit_standardization`),
         saved with the exported encoder. The tiny preset turns it on: its random-weight tower makes
         tokens that share most of their direction across images (mean cosine 0.9).
     dtype: parameters' compute dtype on GPU (bfloat16 or float32); the CPU runs in float32.
