@@ -210,3 +210,27 @@ def test_bad_precompute_keys(tmp_path):
     tokens = VisualTokens.from_config(tiny_siglip_config())
     with pytest.raises(ValueError, match="distinct"):
         tokens.precompute(["a", "a"], None, tmp_path, progress=False)
+
+
+def test_tiny_local_tower_makes_local_tokens():
+    """The tiny train preset's tower ("tiny-local") must make local tokens: a small shape in the top
+    left leaves the bottom-right tokens exactly as on a blank picture. The 2-layer "tiny" tower's
+    attention spreads the shape into every token (why the tiny preset does not use it)."""
+    from PIL import Image
+
+    from vpit_fast import presets
+    from vpit_fast.data.shapes import Scene, Shape, render
+
+    blank = Image.new("RGB", (108, 108), (255, 255, 255))
+    shape = render(Scene((Shape("circle", "red", "small", "top left"),)), 108)
+    far = [r * 8 + c for r in range(5, 8) for c in range(5, 8)]
+    for name, local in (("tiny-local", True), ("tiny", False)):
+        torch.manual_seed(0)
+        tokens = VisualTokens.from_config(presets.encoder_config(name)).encode_images([blank, shape])
+        change = (tokens[1] - tokens[0]).norm(dim=-1) / tokens[0].norm(dim=-1)
+        near = change[[r * 8 + c for r in range(1, 3) for c in range(1, 3)]]
+        assert float(near.max()) > 0.05, name  # the shape itself is seen
+        if local:
+            assert float(change[far].max()) < 1e-5, name
+        else:
+            assert float(change[far].min()) > 1e-3, name
