@@ -104,19 +104,26 @@ def test_batched_equals_one_by_one():
     assert_same(together, alone)
 
 
-def test_images_through_the_encoder_equal_precomputed_tokens():
+@pytest.mark.parametrize("standardize", [False, True])
+def test_images_through_the_encoder_equal_precomputed_tokens(standardize):
+    """Prompt images reach the model in the token space of training: raw, or standardised with
+    the encoder's statistics (what a precomputed token set of that encoder holds)."""
     from vpit_fast.data import ShapesDataset
     from vpit_fast.visual_tokens import VisualTokens, tiny_siglip_config
 
     tokenizer = build_tokenizer()
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SMALL))
-    model = VPiTModel.from_base(llm, tokenizer, VisualTokens.from_config(tiny_siglip_config())).eval()
-    data = ShapesDataset(size=4, image_size=108)
+    visual = VisualTokens.from_config(tiny_siglip_config())
+    data = ShapesDataset(size=12, image_size=108)
     pictures = [data.image(key) for key in data.image_keys()[:2]]
+    pixels = visual.processor(images=pictures, return_tensors="pt")["pixel_values"]
+    tokens = visual(pixels)
+    if standardize:
+        visual.fit_standardization([data.image(key) for key in data.image_keys()[:8]])
+        tokens = (tokens - visual.token_mean) / visual.token_std
+    model = VPiTModel.from_base(llm, tokenizer, visual, VPiTConfig(standardize_visual=standardize)).eval()
     prompts = ["what is this? <image>", "compare <image> and <image>"]
     from_images = generate(model, prompts, images=[[pictures[0]], pictures], max_new_tokens=6)
-    pixels = model.visual.processor(images=pictures, return_tensors="pt")["pixel_values"]
-    tokens = model.visual(pixels)
     from_tokens = generate(model, prompts, visual_tokens=[tokens[:1], tokens], max_new_tokens=6)
     assert_same(from_images, from_tokens)
 

@@ -1,7 +1,7 @@
 """VPiTModel on tiny Hugging Face LLMs (LLaMA, Qwen2, Mistral) and a tiny SigLIP, saved and loaded
 through the real transformers loading code: construction (image tokens, mean init, vocabulary
 padding), the fused loss against an official-style reference (per-image loop, all logits, separate
-cosine loss), gradients, save/load, and bad inputs."""
+cosine loss), gradients, save/load (with standardised visual tokens too), and bad inputs."""
 
 import pytest
 import torch
@@ -184,6 +184,31 @@ def test_save_and_load_round_trip(tokenizer, encoder_dir, tmp_path):
     assert loaded.config == model.config
     assert len(loaded.tokenizer) == len(model.tokenizer)
     assert loaded(**VPiTModel.batch_inputs(batch)).loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_standardized_model_round_trip(tokenizer, encoder_dir, tmp_path):
+    """The statistics travel with the exported encoder: the loaded model makes the same
+    standardised tokens (inputs and targets) and the same loss; without statistics the config's
+    standardize_visual is refused."""
+    visual = VisualTokens.from_pretrained(str(encoder_dir))
+    data = ShapesDataset(size=20, image_size=108)
+    visual.fit_standardization([data.image(k) for k in data.image_keys()[:8]])
+    llm_dir = saved_llm("llama", len(tokenizer), tmp_path / "llama-base")
+    model = VPiTModel.from_base(str(llm_dir), build_tokenizer(), visual, VPiTConfig(standardize_visual=True),
+                                attn_implementation="sdpa")
+    batch = shapes_batch(model, model.tokenizer)
+    raw = VisualTokens.from_pretrained(str(encoder_dir))(batch["pixel_values"])
+    torch.testing.assert_close(model.visual(batch["pixel_values"]), (raw - visual.token_mean) / visual.token_std)
+    expected = model(**VPiTModel.batch_inputs(batch)).loss.item()
+    model.save_pretrained(tmp_path / "saved")
+    loaded = VPiTModel.from_pretrained(tmp_path / "saved", attn_implementation="sdpa")
+    assert loaded.config.standardize_visual and loaded.visual.standardized
+    assert loaded.visual.standardization_digest() == visual.standardization_digest()
+    assert loaded(**VPiTModel.batch_inputs(batch)).loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="fit_standardization"):  # an encoder without the statistics
+        VPiTModel.from_pretrained(tmp_path / "saved", encoder=str(encoder_dir), attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="standardized=True"):  # statistics the config does not ask for
+        VPiTModel.from_base(str(llm_dir), build_tokenizer(), visual, VPiTConfig(), attn_implementation="sdpa")
 
 
 def test_bad_inputs_raise_clear_errors(tokenizer, encoder_dir, tmp_path):

@@ -129,3 +129,38 @@ def test_missing_image_files_are_reported_not_encoded(tmp_path):
         train_set, _, _ = loop.build_data(cfg, model, setup_runtime("cpu"))
     assert train_set.skipped["missing_image"] >= 1
     assert all(f"{missing}.png" not in s.image_keys for s in train_set.samples)
+
+
+def test_standardized_tokens_are_exported_and_re_encoded_when_they_change(tmp_path):
+    """The tiny preset standardises its visual tokens: the precomputed set, the export's encoder
+    and a fresh encoding agree; a run with other token settings in the same folder re-encodes
+    instead of reusing tokens of another space."""
+    from vpit_fast.data import ShapesDataset
+    from vpit_fast.visual_tokens import load_precomputed
+
+    assert resolve_config("tiny").model.standardize_visual
+    loop.train(config(tmp_path, "evaluate=false", "steps=1"))
+    model = VPiTModel.from_pretrained(tmp_path / "export")
+    assert model.config.standardize_visual and model.visual.standardized
+    tokens = load_precomputed(tmp_path / "visual_tokens")
+    assert tokens.standardization == model.visual.standardization_digest() is not None
+    key = next(iter(tokens.keys()))
+    picture = ShapesDataset(image_size=108).image(key)
+    torch.testing.assert_close(tokens[key], model.visual.encode_images([picture])[0])
+
+    loop.train(config(tmp_path, "evaluate=false", "steps=1", "model.standardize_visual=false"))
+    raw = load_precomputed(tmp_path / "visual_tokens")
+    assert raw.standardization is None
+    unstandardized = VPiTModel.from_pretrained(tmp_path / "export")
+    assert not unstandardized.visual.standardized
+    torch.testing.assert_close(raw[key], unstandardized.visual.encode_images([picture])[0])
+
+
+def test_shapes_tasks_weigh_the_train_mix_only(tmp_path):
+    cfg = config(tmp_path, "data.shapes_tasks=[text_to_image,image_qa,text_to_image]", "data.shapes_size=6")
+    train, held_out, _ = loop.records_and_images(cfg)
+    assert [r["task"] for r in train] == ["text_to_image", "image_qa", "text_to_image"] * 2
+    assert {r["task"] for r in held_out} == {"image_qa", "text_to_image", "image_editing", "visual_thinking",
+                                             "video_qa", "frame_prediction", "frame_reordering"}
+    with pytest.raises(ValueError, match="tasks"):
+        loop.records_and_images(config(tmp_path, "data.shapes_tasks=[drawing]"))

@@ -1,6 +1,7 @@
 """VisualTokens: a tiny SigLIP tower saved and loaded through transformers' real loading code,
 compared with the official MetaMorph computation (hidden_states[layer] -> the pure-PyTorch
-interpolation reference); frozen-ness, image encoding, precomputed shards, bad input."""
+interpolation reference); frozen-ness, image encoding, precomputed shards, standardisation (fit,
+save/load, precompute), bad input."""
 
 import json
 import os
@@ -117,6 +118,79 @@ def test_precompute_round_trip(tower_dir, dataset, tmp_path):
     torch.testing.assert_close(pickle.loads(pickle.dumps(loaded))[keys[6]], expected[6])
 
 
+# ---- standardisation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standardized_dir(tower_dir, tmp_path_factory):
+    """The tiny tower with statistics fitted on 16 shapes images, saved with save_pretrained."""
+    data = ShapesDataset(size=40, image_size=108)
+    tokens = VisualTokens.from_pretrained(tower_dir).fit_standardization([data.image(k) for k in data.image_keys()[:16]])
+    path = tmp_path_factory.mktemp("standardized")
+    tokens.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_standardization_fits_and_applies(tower_dir, dataset, normalize):
+    data = ShapesDataset(size=40, image_size=108)
+    fit_images = [data.image(k) for k in data.image_keys()[:16]]
+    raw = VisualTokens.from_pretrained(tower_dir).encode_images(fit_images)
+    tokens = VisualTokens.from_pretrained(tower_dir, normalize=normalize).fit_standardization(fit_images)
+    assert tokens.standardized and tokens.normalize == normalize  # fitting leaves normalize as it was
+    mean, std = raw.reshape(-1, 32).mean(0), raw.reshape(-1, 32).std(0)
+    torch.testing.assert_close(tokens.token_mean, mean)
+    torch.testing.assert_close(tokens.token_std, std)
+    # On the fitting images: zero mean and unit std in every channel.
+    out = tokens.encode_images(fit_images)
+    if normalize:  # L2 normalisation comes after the standardisation
+        torch.testing.assert_close(out, torch.nn.functional.normalize((raw - mean) / std, dim=-1), atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(out, (raw - mean) / std, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.reshape(-1, 32).mean(0), torch.zeros(32), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.reshape(-1, 32).std(0), torch.ones(32), atol=1e-4, rtol=0)
+    # It removes what images share: raw tokens of different images point the same way, these do not.
+    def mean_pair_cosine(t):
+        flat = torch.nn.functional.normalize(t.reshape(len(t), -1), dim=-1)
+        return float((flat @ flat.T)[~torch.eye(len(t), dtype=torch.bool)].mean())
+    assert mean_pair_cosine(raw) > 0.7 > 0.5 > mean_pair_cosine(out)
+    tokens.clear_standardization()
+    torch.testing.assert_close(tokens.encode_images(fit_images[:2]),
+                               torch.nn.functional.normalize(raw[:2], dim=-1) if normalize else raw[:2])
+
+
+def test_standardization_round_trip(tower_dir, standardized_dir, dataset):
+    loaded = VisualTokens.from_pretrained(standardized_dir)
+    assert loaded.standardized and not VisualTokens.from_pretrained(tower_dir).standardized
+    images = [dataset.image(k) for k in dataset.image_keys()[:3]]
+    raw = VisualTokens.from_pretrained(tower_dir).encode_images(images)
+    torch.testing.assert_close(loaded.encode_images(images), (raw - loaded.token_mean) / loaded.token_std)
+    again = VisualTokens.from_pretrained(standardized_dir)
+    assert again.standardization_digest() == loaded.standardization_digest() is not None
+    assert VisualTokens.from_pretrained(tower_dir).standardization_digest() is None
+    bf16 = VisualTokens.from_pretrained(standardized_dir, dtype=torch.bfloat16)
+    assert bf16.token_mean.dtype == torch.float32 and bf16(torch.randn(1, 3, 108, 108)).dtype == torch.bfloat16
+
+
+def test_precompute_records_the_standardization(standardized_dir, dataset, tmp_path):
+    tokens = VisualTokens.from_pretrained(standardized_dir)
+    keys = dataset.image_keys()[:3]
+    loaded = tokens.precompute(keys, dataset.image, tmp_path, progress=False)
+    assert loaded.standardization == tokens.standardization_digest()
+    expected = tokens.encode_images([dataset.image(k) for k in keys])
+    torch.testing.assert_close(torch.stack([loaded[k] for k in keys]), expected)
+
+
+def test_bad_standardization():
+    tokens = VisualTokens.from_config(tiny_siglip_config())
+    with pytest.raises(ValueError, match="shape \\[32\\]"):
+        tokens.set_standardization(torch.zeros(64, 32), torch.ones(32))
+    with pytest.raises(ValueError, match="positive"):
+        tokens.set_standardization(torch.zeros(32), torch.zeros(32))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        tokens.fit_standardization([ShapesDataset(size=1, image_size=108).image("circle-red-small-center")])
+
+
 @pytest.mark.parametrize("shape", [(3, 108, 108), (2, 3, 108, 108, 1), (2, 1, 108, 108), (2, 4, 108, 108),
                                    (2, 3, 96, 96)])
 def test_bad_pixel_values(shape):
@@ -136,3 +210,27 @@ def test_bad_precompute_keys(tmp_path):
     tokens = VisualTokens.from_config(tiny_siglip_config())
     with pytest.raises(ValueError, match="distinct"):
         tokens.precompute(["a", "a"], None, tmp_path, progress=False)
+
+
+def test_tiny_local_tower_makes_local_tokens():
+    """The tiny train preset's tower ("tiny-local") must make local tokens: a small shape in the top
+    left leaves the bottom-right tokens exactly as on a blank picture. The 2-layer "tiny" tower's
+    attention spreads the shape into every token (why the tiny preset does not use it)."""
+    from PIL import Image
+
+    from vpit_fast import presets
+    from vpit_fast.data.shapes import Scene, Shape, render
+
+    blank = Image.new("RGB", (108, 108), (255, 255, 255))
+    shape = render(Scene((Shape("circle", "red", "small", "top left"),)), 108)
+    far = [r * 8 + c for r in range(5, 8) for c in range(5, 8)]
+    for name, local in (("tiny-local", True), ("tiny", False)):
+        torch.manual_seed(0)
+        tokens = VisualTokens.from_config(presets.encoder_config(name)).encode_images([blank, shape])
+        change = (tokens[1] - tokens[0]).norm(dim=-1) / tokens[0].norm(dim=-1)
+        near = change[[r * 8 + c for r in range(1, 3) for c in range(1, 3)]]
+        assert float(near.max()) > 0.05, name  # the shape itself is seen
+        if local:
+            assert float(change[far].max()) < 1e-5, name
+        else:
+            assert float(change[far].min()) > 1e-3, name

@@ -51,6 +51,9 @@ class VPiTConfig:
     num_visual_tokens: tokens per image (a square grid: 64 = 8x8).
     encoder_layer: the tower's hidden state used (default -2, the penultimate).
     normalize_visual: L2-normalise visual tokens (inputs and targets).
+    standardize_visual: the encoder standardises its tokens with statistics of training images
+        (`VisualTokens.fit_standardization`, saved with the encoder); inputs, targets, generated
+        tokens and retrieval then all live in that space.
     text_weight, visual_weight: loss = text_weight * CE + visual_weight * (1 - cos).
     vocab_multiple: embedding rows are padded to a multiple of this.
     text_vocab_size, image_token_id, image_start_id, image_end_id: set when the tokens are added.
@@ -61,6 +64,7 @@ class VPiTConfig:
     num_visual_tokens: int = 64
     encoder_layer: int = -2
     normalize_visual: bool = False
+    standardize_visual: bool = False
     text_weight: float = 1.0
     visual_weight: float = 1.0
     vocab_multiple: int = 128
@@ -207,9 +211,7 @@ class VPiTModel(nn.Module):
             config.visual_dim = visual.hidden_size
         elif visual_dim is not None:
             config.visual_dim = visual_dim
-        if visual is not None and (visual.out_grid != config.grid or visual.normalize != config.normalize_visual):
-            raise ValueError(f"visual makes {visual.out_grid} tokens (normalize={visual.normalize}) but the config "
-                             f"asks for {config.grid} (normalize={config.normalize_visual})")
+        _check_visual(visual, config)
 
         old_rows = llm.get_input_embeddings().weight.shape[0]
         known = len(tokenizer)
@@ -372,7 +374,7 @@ class VPiTModel(nn.Module):
     def save_pretrained(self, directory, save_encoder=True):
         """Writes ``vpit_config.json``, the adapter and vision head (``vpit_modules.safetensors``),
         the LLM and tokenizer (``llm/``, transformers format) and, when present and
-        ``save_encoder``, the encoder (``encoder/``)."""
+        ``save_encoder``, the encoder (``encoder/``, with its standardisation statistics)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory)
@@ -382,14 +384,14 @@ class VPiTModel(nn.Module):
         self.llm.save_pretrained(directory / LLM_DIR)
         self.tokenizer.save_pretrained(directory / LLM_DIR)
         if self.visual is not None and save_encoder:
-            self.visual.tower.save_pretrained(directory / ENCODER_DIR)
-            self.visual.processor.save_pretrained(directory / ENCODER_DIR)
+            self.visual.save_pretrained(directory / ENCODER_DIR)
 
     @staticmethod
     def load_visual(directory, dtype=None, encoder=None):
         """The visual-token component of a `save_pretrained` directory alone (no LLM is loaded),
         exactly as `from_pretrained` builds it: its ``encoder/`` (or ``encoder``, a name / path)
-        with the saved layer, grid and normalisation. None when there is no encoder. Whatever
+        with the saved layer, grid, normalisation and standardisation statistics (checked against
+        the config). None when there is no encoder. Whatever
         space the model predicts visual tokens in, this component makes them (the visualizer
         trains on its output)."""
         from vpit_fast.visual_tokens import VisualTokens
@@ -399,8 +401,10 @@ class VPiTModel(nn.Module):
         source = encoder if encoder is not None else (directory / ENCODER_DIR if (directory / ENCODER_DIR).is_dir() else None)
         if source is None:
             return None
-        return VisualTokens.from_pretrained(source, layer=config.encoder_layer, out_size=config.grid,
-                                            normalize=config.normalize_visual, dtype=dtype)
+        visual = VisualTokens.from_pretrained(source, layer=config.encoder_layer, out_size=config.grid,
+                                              normalize=config.normalize_visual, dtype=dtype)
+        _check_visual(visual, config)
+        return visual
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device=None, encoder=None,
@@ -427,6 +431,20 @@ class VPiTModel(nn.Module):
         model.heads.vision_head.load_state_dict(
             {k[len("vision_head."):]: v for k, v in state.items() if k.startswith("vision_head.")})
         return model.to(device) if device is not None else model
+
+
+def _check_visual(visual, config):
+    """The encoder must make the tokens the config describes: grid, L2 normalisation and
+    standardisation (whose statistics come with the encoder, see `VisualTokens.save_pretrained`)."""
+    if visual is None:
+        return
+    made = (visual.out_grid, visual.normalize, visual.standardized)
+    asked = (config.grid, config.normalize_visual, config.standardize_visual)
+    if made != asked:
+        raise ValueError(f"visual makes {made[0]} tokens (normalize={made[1]}, standardized={made[2]}) but the "
+                         f"config asks for {asked[0]} (normalize={asked[1]}, standardized={asked[2]})"
+                         + ("; fit the statistics with VisualTokens.fit_standardization, or load an encoder "
+                            "saved with them" if asked[2] and not made[2] else ""))
 
 
 @torch.no_grad()

@@ -32,6 +32,15 @@ LLAMA3_VOCAB = 128256
 ENCODERS = {
     "tiny": dict(image_size=108, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64),
+    # The tiny train preset's encoder. Its visual tokens must be local (each shows only its own
+    # place in the picture) for free-running generation to work: MetaMorph reads the penultimate
+    # layer, which for this 1-layer tower is the patch embeddings plus position embeddings, with
+    # no attention. The 2-layer "tiny" tower's penultimate layer has been through one attention
+    # layer that (random weights) spreads the whole image into every token; the first generated
+    # token, predicted from the text alone, then stayed at the dataset mean, every later token
+    # followed from it, and the tiny model generated the same image for every prompt.
+    "tiny-local": dict(image_size=108, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64),
     "siglip-so400m": dict(image_size=384, patch_size=14, hidden_size=1152, num_hidden_layers=27,
                           num_attention_heads=16, intermediate_size=4304),
 }

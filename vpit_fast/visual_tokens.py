@@ -6,6 +6,13 @@ SigLIP-so400m@384) and bilinearly resampled to a small grid (8x8 = 64 tokens) by
 `vpit_fast.interpolate_tokens`, with optional L2 normalisation. The same component serves the
 model (input tokens and vision-head targets) and the visualizer, so both see identical tokens.
 
+Optional standardisation (`VisualTokens.fit_standardization`): subtract the training images' mean
+token and divide by the per-channel standard deviation, after the
+interpolation and before any L2 normalisation. It is for towers whose tokens share a large
+component across images (the random-weight tiny SigLIP: mean cosine 0.9 between different images),
+where that component dominates the cosine loss and the retrieval; the statistics travel with the
+tower (`save_pretrained` / `from_pretrained`), so every consumer of the tokens uses the same space.
+
 Public API:
     VisualTokens        -- the module: ``forward(pixel_values) -> [B, oh*ow, D]``, `encode_images`,
                            `precompute` (a dataset's tokens into safetensors shards)
@@ -19,6 +26,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
@@ -30,6 +38,7 @@ __all__ = ["PrecomputedTokens", "VisualTokens", "load_precomputed", "tiny_siglip
 INDEX_FILE = "index.json"
 SHARD_NAME = "tokens-{:05d}.safetensors"
 INDEX_FORMAT = 1
+STANDARDIZATION_FILE = "visual_standardization.safetensors"  # next to the tower's config.json
 
 
 def tiny_siglip_config(**overrides):
@@ -67,11 +76,16 @@ class VisualTokens(nn.Module):
             ``num_hidden_layers`` or ``-1`` = the last encoder layer before the post-layernorm;
             default ``-2``, the penultimate, as in MetaMorph).
         out_size: output grid ``(oh, ow)`` or an int; default ``(8, 8)`` = 64 tokens.
-        normalize: L2-normalise every output token (fused into the interpolation).
+        normalize: L2-normalise every output token (fused into the interpolation, or after the
+            standardisation when there is one).
         name_or_path: where the tower came from, recorded by `precompute`.
+        standardization: None, or ``(mean, std)``: ``mean`` ``[D]`` (the mean token), ``std``
+            ``[D]`` (per channel, > 0); tokens become ``(t - mean) / std``.
+            See `fit_standardization`.
     """
 
-    def __init__(self, tower, processor=None, layer=-2, out_size=(8, 8), normalize=False, name_or_path=None):
+    def __init__(self, tower, processor=None, layer=-2, out_size=(8, 8), normalize=False, name_or_path=None,
+                 standardization=None):
         super().__init__()
         config = tower.config
         num_states = config.num_hidden_layers + 1  # the embeddings, then one per encoder layer
@@ -90,6 +104,12 @@ class VisualTokens(nn.Module):
         self._in_grid = (side, side)
         self.tower.requires_grad_(False)
         self.tower.eval()
+        # Not persistent: the statistics are saved with the tower (save_pretrained), not in
+        # training checkpoints, which rebuild them the same way.
+        self.register_buffer("token_mean", None, persistent=False)
+        self.register_buffer("token_std", None, persistent=False)
+        if standardization is not None:
+            self.set_standardization(*standardization)
 
     # ---- constructors ------------------------------------------------------------------------
 
@@ -97,7 +117,8 @@ class VisualTokens(nn.Module):
     def from_pretrained(cls, name_or_path, layer=-2, out_size=(8, 8), normalize=False, dtype=None, device=None):
         """Loads the tower with `SiglipVisionModel.from_pretrained` and its image processor with
         `AutoImageProcessor.from_pretrained` (built from the config's image size when the path
-        has none). ``dtype`` (e.g. ``torch.bfloat16``) and ``device`` place the tower."""
+        has none), and the standardisation statistics when the directory holds them (written by
+        `save_pretrained`). ``dtype`` (e.g. ``torch.bfloat16``) and ``device`` place the tower."""
         kwargs = {} if dtype is None else {"dtype": dtype}
         tower = SiglipVisionModel.from_pretrained(name_or_path, **kwargs)
         if device is not None:
@@ -106,8 +127,29 @@ class VisualTokens(nn.Module):
             processor = AutoImageProcessor.from_pretrained(name_or_path)
         except OSError:  # no preprocessor_config.json at that path
             processor = None
+        standardization = None
+        stats_path = os.path.join(str(name_or_path), STANDARDIZATION_FILE)
+        if os.path.isfile(stats_path):
+            from safetensors.torch import load_file
+
+            stats = load_file(stats_path)
+            standardization = (stats["mean"], stats["std"])
         return cls(tower, processor, layer=layer, out_size=out_size, normalize=normalize,
-                   name_or_path=str(name_or_path))
+                   name_or_path=str(name_or_path), standardization=standardization)
+
+    def save_pretrained(self, directory):
+        """Writes the tower and its image processor (transformers format) and, when set, the
+        standardisation statistics (``visual_standardization.safetensors``: ``mean`` and ``std``
+        ``[D]``, float32), all loadable with `from_pretrained`."""
+        from safetensors.torch import save_file
+
+        self.tower.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+        path = os.path.join(str(directory), STANDARDIZATION_FILE)
+        if self.standardized:
+            save_file({"mean": self.token_mean.cpu().contiguous(), "std": self.token_std.cpu().contiguous()}, path)
+        elif os.path.exists(path):  # statistics of an earlier save would standardise these tokens
+            os.remove(path)
 
     @classmethod
     def from_config(cls, vision_config, layer=-2, out_size=(8, 8), normalize=False, dtype=None, device=None):
@@ -143,6 +185,11 @@ class VisualTokens(nn.Module):
         return self._out_grid[0] * self._out_grid[1]
 
     @property
+    def standardized(self):
+        """True when tokens are standardised (see `fit_standardization`)."""
+        return self.token_mean is not None
+
+    @property
     def dtype(self):
         return next(self.tower.parameters()).dtype
 
@@ -152,7 +199,55 @@ class VisualTokens(nn.Module):
 
     def extra_repr(self):
         return (f"layer={self.layer}, in_grid={self.in_grid}, out_grid={self.out_grid}, "
-                f"normalize={self.normalize}")
+                f"normalize={self.normalize}, standardized={self.standardized}")
+
+    # ---- standardisation ---------------------------------------------------------------------
+
+    def set_standardization(self, mean, std):
+        """Sets the statistics: ``mean`` ``[D]``, ``std`` ``[D]`` (all > 0); kept in float32 on
+        the tower's device."""
+        mean, std = torch.as_tensor(mean), torch.as_tensor(std)
+        if tuple(mean.shape) != (self.hidden_size,) or tuple(std.shape) != (self.hidden_size,):
+            raise ValueError(f"standardization needs mean and std of shape [{self.hidden_size}], got "
+                             f"{tuple(mean.shape)} and {tuple(std.shape)}")
+        if not bool((std > 0).all()):
+            raise ValueError("standardization std must be positive in every channel")
+        self.token_mean = mean.to(self.device, torch.float32)
+        self.token_std = std.to(self.device, torch.float32)
+
+    def standardization_digest(self):
+        """A SHA-256 of the statistics (None without): tells precomputed token sets apart."""
+        if not self.standardized:
+            return None
+        import hashlib
+
+        digest = hashlib.sha256()
+        for t in (self.token_mean, self.token_std):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+
+    def clear_standardization(self):
+        self.token_mean = self.token_std = None
+
+    def fit_standardization(self, images, batch_size=32):
+        """Sets the statistics from ``images`` (PIL images, e.g. a sample of the training set):
+        the mean token and each channel's standard deviation, over the images and the ``oh*ow``
+        positions, of the raw tokens (before L2 normalisation). One mean for all positions, not
+        one per position: a per-position mean would make the tokens of a place that is
+        background in most images nearly zero, and a cosine target of nearly zero is noise.
+        Returns self."""
+        normalize, self.normalize = self.normalize, False
+        self.clear_standardization()
+        try:
+            tokens = self.encode_images(images, batch_size=batch_size).float()
+        finally:
+            self.normalize = normalize
+        if tokens.shape[0] < 2:
+            raise ValueError(f"fit_standardization needs at least 2 images, got {tokens.shape[0]}")
+        flat = tokens.reshape(-1, self.hidden_size)
+        mean, std = flat.mean(0), flat.std(0).clamp_min(1e-6)
+        self.set_standardization(mean, std)
+        return self
 
     # ---- the forward path --------------------------------------------------------------------
 
@@ -188,8 +283,14 @@ class VisualTokens(nn.Module):
         hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]
         # The compiled kernels take fp32/bf16/fp16; a float64 tower uses the PyTorch reference.
         impl = "torch" if hidden.dtype == torch.float64 else "auto"
-        return interpolate_tokens(hidden, out_size=self._out_grid, in_size=self._in_grid,
-                                  normalize=self.normalize, impl=impl)
+        tokens = interpolate_tokens(hidden, out_size=self._out_grid, in_size=self._in_grid,
+                                    normalize=self.normalize and not self.standardized, impl=impl)
+        if not self.standardized:
+            return tokens
+        tokens = (tokens.float() - self.token_mean) / self.token_std
+        if self.normalize:
+            tokens = F.normalize(tokens, dim=-1, eps=1e-12)
+        return tokens.to(hidden.dtype)
 
     def encode_images(self, images, batch_size=32):
         """PIL images -> the processor -> `forward` in batches of ``batch_size``.
@@ -213,7 +314,8 @@ class VisualTokens(nn.Module):
         """What determines the tokens, as recorded in a precomputed index (JSON-serialisable)."""
         return {"name_or_path": self.name_or_path, "config": self.tower.config.to_dict(),
                 "layer": self.layer, "in_grid": list(self.in_grid), "out_grid": list(self.out_grid),
-                "normalize": self.normalize, "dtype": str(self.dtype).removeprefix("torch."),
+                "normalize": self.normalize, "standardization": self.standardization_digest(),
+                "dtype": str(self.dtype).removeprefix("torch."),
                 "hidden_size": self.hidden_size, "num_tokens": self.num_tokens}
 
     def precompute(self, keys, load_image, out_dir, shard_size=1024, batch_size=32, progress=True):
@@ -279,8 +381,8 @@ class PrecomputedTokens:
     reopen the shards).
 
     Attributes: ``name_or_path``, ``config`` (dict), ``layer``, ``in_grid``, ``out_grid``,
-    ``normalize``, ``dtype`` (str), ``hidden_size``, ``num_tokens``, ``index`` (the whole
-    index dict).
+    ``normalize``, ``standardization`` (the statistics' digest, or None), ``dtype`` (str),
+    ``hidden_size``, ``num_tokens``, ``index`` (the whole index dict).
     """
 
     def __init__(self, out_dir):
@@ -292,6 +394,7 @@ class PrecomputedTokens:
         for name in ("name_or_path", "config", "layer", "normalize", "dtype", "hidden_size", "num_tokens"):
             setattr(self, name, self.index[name])
         self.in_grid, self.out_grid = tuple(self.index["in_grid"]), tuple(self.index["out_grid"])
+        self.standardization = self.index.get("standardization")  # absent from older indices
         self._keys = self.index["keys"]
         self._handles = {}
 

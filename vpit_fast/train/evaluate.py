@@ -79,10 +79,11 @@ def _candidate_tokens(model, images, keys):
 
 
 @torch.no_grad()
-def generation_accuracy(model, records, images, limit=64, batch_size=16):
-    """Accuracy of held-out text-to-image generation (see the module docstring). ``images``: the
-    dataset's image source (precomputed tokens or pictures for the model's encoder). Returns a dict
-    of floats (empty without text-to-image records)."""
+def generation_accuracy(model, records, images, limit=None, batch_size=16):
+    """Accuracy of held-out text-to-image generation (see the module docstring) over the first
+    ``limit`` text-to-image records (None: all). ``images``: the dataset's image source
+    (precomputed tokens or pictures for the model's encoder). Returns a dict of floats (empty
+    without text-to-image records)."""
     prompts = [r for r in records if r.get("task") == "text_to_image"][:limit]
     if not prompts:
         return {}
