@@ -74,7 +74,6 @@ from vpit_fast.data.shapes import IMAGE
 from vpit_fast.data.tokenizer import IMAGE_END, IMAGE_START
 from vpit_fast import _extension
 from vpit_fast.ops.decode_attention import MAX_HEAD_DIM
-from vpit_fast.ops.decode_attention import decode_attention as fused_decode_attention
 # The fused dispatch (reference: vpit_fast.ops.reference) and the per-row modes of the decode state.
 from vpit_fast.ops.decode_dispatch import DONE, IMAGE_MODE, TEXT, dispatch_next_inputs
 
@@ -459,7 +458,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
                          f"cache {key.shape[2]})")
     if _fused_decode_attention_takes(query, key, attention_mask, dropout):
         valid = attention_mask[:, 0, 0, :]
-        out = fused_decode_attention(query.reshape(B, H, D), key, value, valid, scaling)
+        out = fused_decode_attention(query.reshape(B, H, D), key, value, valid, D ** -0.5 if scaling is None else scaling)
         return out[:, None], None
     out = F.scaled_dot_product_attention(query.reshape(B, Hkv, H // Hkv, D), key, value, attn_mask=attention_mask,
                                          dropout_p=dropout, scale=scaling)
@@ -472,6 +471,13 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 # SDPA 0.041 ms; batch 4 (32) 0.028 vs 0.041; batch 8 (64) 0.047 vs 0.041; batch 16 (128) 0.079
 # vs 0.045. LLaMA-3-8B shapes cross over at the same batch.
 FUSED_DECODE_MAX_PAIRS = 32
+
+
+def fused_decode_attention(query, key, value, key_valid, scale):
+    """The compiled op itself, without `vpit_fast.decode_attention`'s Python argument checks: the
+    step runs it once per layer, the shapes come from the model, and the op's C++ adapter checks
+    them again anyway."""
+    return torch.ops.vpit_fast.decode_attention(query, key, value, key_valid, float(scale))
 
 
 def _fused_decode_attention_takes(query, key, attention_mask, dropout):

@@ -15,11 +15,7 @@ void decode_dispatch_prepare(const DecodeStateIn& in, const float* visual_pred,
     const bool is_eos = std::find(eos_ids, eos_ids + num_eos, text_id) != eos_ids + num_eos;
     const RowStep s = decode_row_step(in.mode[row], in.visual_count[row], in.images_left[row],
                                       text_id, is_eos, ids);
-    out.next_ids[row] = s.next_id;
-    out.emits_visual[row] = s.emits_visual;
-    out.mode[row] = s.mode;
-    out.visual_count[row] = s.visual_count;
-    out.images_left[row] = s.images_left;
+    store_row_step(out, row, s);
 
     float* dst = visual + row * dim;
     if (!s.emits_visual) {

@@ -40,11 +40,11 @@ __device__ __forceinline__ float warp_max(float v) {
 // Shared memory of the split kernel, in floats: queries [kMaxGroup][dim], probabilities
 // [kThreads][kMaxGroup] (a slot's probabilities for all query heads in two 16-byte reads), running max, sum and rescale factor [3][kMaxGroup], the tile's validity
 // [kThreads], and the slot groups' running weighted sums [slot_groups][kMaxGroup][dim].
-struct ChunkLayout {
+struct SplitLayout {
   int packs;        // head_dim / VEC
   int pack_threads; // threads across one value row: min(packs, kThreads)
   int slot_groups;  // kThreads / pack_threads
-  __host__ __device__ ChunkLayout(int64_t dim, int vec) {
+  __host__ __device__ SplitLayout(int64_t dim, int vec) {
     packs = static_cast<int>(dim / vec);
     pack_threads = packs < kThreads ? packs : kThreads;
     slot_groups = kThreads / pack_threads;
@@ -78,7 +78,7 @@ split_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __
 
   extern __shared__ float4 smem4[];  // float4: 16-byte aligned
   float* smem = reinterpret_cast<float*>(smem4);
-  const ChunkLayout layout(dim, VEC);
+  const SplitLayout layout(dim, VEC);
   float* q_sh = smem;                           // [kMaxGroup][dim]
   float* p_sh = q_sh + kMaxGroup * dim;         // [kThreads][kMaxGroup]
   float* max_sh = p_sh + kMaxGroup * kThreads;  // [kMaxGroup] running max (log2 units)
@@ -310,7 +310,7 @@ cudaError_t launch(const void* query, const void* key, const void* value, const 
   float* part_sum = part_max + pairs * splits;
   const int64_t group = s.heads / s.kv_heads;
   const int group_slices = static_cast<int>((group + kMaxGroup - 1) / kMaxGroup);
-  const ChunkLayout layout(s.head_dim, VEC);
+  const SplitLayout layout(s.head_dim, VEC);
   const size_t smem = static_cast<size_t>(layout.floats(s.head_dim)) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(s.kv_heads * group_slices),
                   static_cast<unsigned>(s.batch));

@@ -34,13 +34,7 @@ prepare_kernel(DecodeStateIn in, const T* __restrict__ visual_pred,
   const bool is_eos = __any_sync(0xffffffffu, hit);
   const RowStep s = decode_row_step(in.mode[row], in.visual_count[row], in.images_left[row],
                                     text_id, is_eos, ids);
-  if (lane == 0) {
-    out.next_ids[row] = s.next_id;
-    out.emits_visual[row] = s.emits_visual;
-    out.mode[row] = s.mode;
-    out.visual_count[row] = s.visual_count;
-    out.images_left[row] = s.images_left;
-  }
+  if (lane == 0) store_row_step(out, row, s);
 
   T* dst = visual + row * dim;
   if (!s.emits_visual) {
@@ -97,13 +91,12 @@ assemble_kernel(const int64_t* __restrict__ next_ids, const bool* __restrict__ e
   }
 }
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Widest pack (at most 16 bytes of T) that divides dim and suits both pointers.
 template <typename T>
 int pick_vec(int64_t dim, const void* a, const void* b) {
   for (int vec = 16 / int(sizeof(T)); vec > 1; vec /= 2) {
-    if (dim % vec == 0 && aligned(a, vec * sizeof(T)) && aligned(b, vec * sizeof(T))) return vec;
+    if (dim % vec == 0 && is_aligned(a, vec * sizeof(T)) && is_aligned(b, vec * sizeof(T))) return vec;
   }
   return 1;
 }
@@ -171,7 +164,7 @@ cudaError_t decode_dispatch_assemble(const int64_t* next_ids, const bool* emits_
   // The widest word that divides the row and the table stride and suits every pointer.
   const auto fits = [&](int64_t bytes) {
     return row_bytes % bytes == 0 && table_row_stride_bytes % bytes == 0 &&
-           aligned(adapted, bytes) && aligned(table, bytes) && aligned(out, bytes);
+           is_aligned(adapted, bytes) && is_aligned(table, bytes) && is_aligned(out, bytes);
   };
   if (fits(16)) {
     launch_assemble<uint4>(next_ids, emits_visual, adapted, table, table_rows,

@@ -257,15 +257,14 @@ backward_kernel(const G* __restrict__ grad, T* __restrict__ grad_in, int64_t row
   }
 }
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Widest pack (at most 16 bytes of T) that divides the channels and suits every pointer.
 // The fp32 workspace is read with the same VEC, so it must be aligned to VEC floats.
 template <typename T>
 int pick_vec(int64_t channels, const void* a, const void* b, const void* workspace) {
   for (int vec = 16 / int(sizeof(T)); vec > 1; vec /= 2) {
-    if (channels % vec == 0 && aligned(a, vec * sizeof(T)) && aligned(b, vec * sizeof(T)) &&
-        aligned(workspace, vec * sizeof(float))) {
+    if (channels % vec == 0 && is_aligned(a, vec * sizeof(T)) && is_aligned(b, vec * sizeof(T)) &&
+        is_aligned(workspace, vec * sizeof(float))) {
       return vec;
     }
   }

@@ -85,4 +85,13 @@ VPIT_HOST_DEVICE RowStep decode_row_step(int64_t mode, int64_t visual_count, int
   return s;
 }
 
+// Writes row `row` of a step's outputs (shared by the CPU and CUDA kernels).
+VPIT_HOST_DEVICE void store_row_step(const DecodeStateOut& out, int64_t row, const RowStep& s) {
+  out.next_ids[row] = s.next_id;
+  out.emits_visual[row] = s.emits_visual;
+  out.mode[row] = s.mode;
+  out.visual_count[row] = s.visual_count;
+  out.images_left[row] = s.images_left;
+}
+
 }  // namespace vpit

@@ -11,7 +11,7 @@ namespace {
 
 // Row starts of t ([..., D] with unit last stride) are 16-byte aligned.
 bool rows_aligned(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  if (!cuda::is_aligned(t.data_ptr(), 16)) return false;
   const int64_t elem = int64_t(t.element_size());
   for (int64_t d = 0; d + 1 < t.dim(); ++d)
     if (t.size(d) > 1 && (t.stride(d) * elem) % 16 != 0) return false;
