@@ -6,7 +6,9 @@ prompt at a time; `generate_uncached`) and against transformers' own KV-cache de
 4-D mask every step; the same heads, sampling and dispatch as ours, run eagerly), all in the same
 process; plus the latency of one decode step, eager, replayed from a CUDA graph, and replayed from
 a CUDA graph of the compiled step (``compile_step=True``: torch.compile's fused kernels; the
-compilation, once per decoder shape, happens before the timing).
+compilation, once per decoder shape, happens before the timing). Ours runs its fused decoder
+layers (`vpit_fast.fused_decode`) where ``fused_layers="auto"`` takes them (batch 1 here); the
+``_hf_layers`` variants run transformers' layers instead, to show what the fused layers give.
 
 Model: `vpit_fast.presets.llm_config("llama3.2-1b")` with random weights, bf16, vocabulary 128256
 (our word-level tokenizer's ids plus the LLaMA-3 rows, so the LM head costs what it costs in
@@ -150,10 +152,13 @@ def official_attention(impl):
     return sdpa_kernel(backends)
 
 
-IMPLS = ["ours_cuda_graph", "ours_compiled", "ours_eager", "transformers_cache", "official_no_cache",
-         "official_no_cache_cudnn"]
-# The cuDNN variant of the official loop only at batch 1 (about 40 s a run at batch 16).
-CASES = [(batch, impl) for batch in BATCHES for impl in IMPLS if batch == 1 or impl != "official_no_cache_cudnn"]
+IMPLS = ["ours_cuda_graph", "ours_compiled", "ours_eager", "ours_cuda_graph_hf_layers", "ours_compiled_hf_layers",
+         "transformers_cache", "official_no_cache", "official_no_cache_cudnn"]
+# Only at batch 1: the cuDNN variant of the official loop (about 40 s a run at batch 16), and ours
+# with transformers' decoder layers instead of the fused ones ("_hf_layers"; at batch 16, 16 rows
+# are past vpit_fast.fused_decode.MAX_ROWS, so ours runs transformers' layers anyway).
+BATCH_1_ONLY = ("official_no_cache_cudnn", "ours_cuda_graph_hf_layers", "ours_compiled_hf_layers")
+CASES = [(batch, impl) for batch in BATCHES for impl in IMPLS if batch == 1 or impl not in BATCH_1_ONLY]
 
 
 @requires_cuda
@@ -163,11 +168,12 @@ def test_generate_cuda(benchmark, model, batch, impl):
 
     texts = prompts(model, batch)
     if impl.startswith("ours"):
-        graph, compiled = impl != "ours_eager", impl == "ours_compiled"
+        graph, compiled = impl != "ours_eager", impl.startswith("ours_compiled")
+        fused = False if impl.endswith("_hf_layers") else "auto"
 
         def run():
-            return generate(model, texts, cuda_graph=graph, compile_step=compiled, stop_check_interval=NEW_TOKENS,
-                            **FORCED)
+            return generate(model, texts, cuda_graph=graph, compile_step=compiled, fused_layers=fused,
+                            stop_check_interval=NEW_TOKENS, **FORCED)
 
         out = run()  # compiles and captures the graph (kept for the model) outside the timing
         for g in out:
@@ -206,18 +212,22 @@ def test_generate_cuda(benchmark, model, batch, impl):
 # ---------------------------------------------------------------------------------------------
 
 
+STEP_VARIANTS = ["compiled", "cuda_graph", "eager", "compiled_hf_layers", "cuda_graph_hf_layers"]
+STEP_CASES = [(b, v) for b in BATCHES for v in STEP_VARIANTS if b == 1 or not v.endswith("_hf_layers")]
+
+
 @requires_cuda
-@pytest.mark.parametrize("variant", ["compiled", "cuda_graph", "eager"])
-@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("batch, variant", STEP_CASES)
 def test_decode_step_cuda(benchmark, model, batch, variant):
     from vpit_fast.generation import release_decoders, start_decoding
 
-    graph, compiled = variant != "eager", variant == "compiled"
+    graph, compiled = variant != "eager", variant.startswith("compiled")
+    fused = False if variant.endswith("_hf_layers") else "auto"
     # A budget of 256 leaves room for the warm-up and timed steps (each one writes a cache slot).
     decoder = start_decoding(model, prompts(model, batch), cuda_graph=graph, compile_step=compiled,
-                             **{**FORCED, "max_new_tokens": 256, "min_new_tokens": 256})
+                             fused_layers=fused, **{**FORCED, "max_new_tokens": 256, "min_new_tokens": 256})
     ms = measure(benchmark, decoder.step, warmup=5, reps=50, impl="ours", batch=batch, cuda_graph=graph,
-                 compile_step=compiled)
+                 compile_step=compiled, fused_layers=decoder.fused_layers is not None)
     benchmark.extra_info.update(ms_per_step=ms, weight_read_floor_ms=WEIGHT_READ_FLOOR_MS,
                                 fraction_of_floor=WEIGHT_READ_FLOOR_MS / ms)
     release_decoders(model)

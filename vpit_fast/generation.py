@@ -526,7 +526,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model, batch_size, cache_len, sampling, eos_ids, generator=None, cuda_graph=False,
-                 compile_step=False):
+                 compile_step=False, fused_layers="auto"):
         from transformers import StaticCache
 
         llm, cfg = model.llm, model.config
@@ -549,6 +549,8 @@ class StaticDecoder:
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.cache.early_initialization(self.rows, kv_heads, head_dim, dtype, device)
         _register_decode_attention()
+        self.fused_layers_option = fused_layers
+        self.fused_layers = _fused_layers(model.llm, self.cache, self.rows, device, fused_layers)
 
         R, B, H, Dv, steps = self.rows, batch_size, weight.shape[1], cfg.visual_dim, sampling.max_new_tokens
         self.embeds = torch.zeros(R, 1, H, dtype=dtype, device=device)
@@ -583,7 +585,7 @@ class StaticDecoder:
     def key(self):
         """What a reused decoder must match (see `_decoder`)."""
         return _decoder_key(self.model, self.batch_size, self.cache_len, self.sampling, self.eos_tuple,
-                            self.compile_step)
+                            self.compile_step, self.fused_layers_option)
 
     def reset(self):
         self.cache.reset()
@@ -641,9 +643,12 @@ class StaticDecoder:
         """The step's model work (what ``compile_step`` compiles): one LLM forward for the rows'
         inputs, then `_heads`. Returns `_heads`' result."""
         self.key_valid.index_fill_(1, self.cursor, True)
-        hidden = self.model.llm.base_model(
-            inputs_embeds=self.embeds, attention_mask=self.key_valid[:, None, None, :],
-            position_ids=self.positions, past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
+        if self.fused_layers is not None:
+            hidden = self.fused_layers(self.embeds[:, 0], self.positions[:, 0], self.cursor, self.key_valid)
+        else:
+            hidden = self.model.llm.base_model(
+                inputs_embeds=self.embeds, attention_mask=self.key_valid[:, None, None, :],
+                position_ids=self.positions, past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
         self.cursor.add_(1)
         self.positions.add_(1)
         return self._heads(hidden)
@@ -705,6 +710,28 @@ class StaticDecoder:
             self.reset()
 
 
+def _fused_layers(llm, cache, rows, device, option):
+    """The `FusedDecodeLayers` the step runs (see `generate`'s ``fused_layers``), or None."""
+    from vpit_fast.fused_decode import MAX_ROWS, FusedDecodeLayers, unsupported_reason
+
+    if option is False:
+        return None
+    reason = unsupported_reason(llm)
+    if reason is None and _extension._C is None:
+        reason = "vpit_fast's compiled kernels are not built"
+    if reason is None and device.type not in ("cpu", "cuda"):
+        reason = f"the model is on {device}"
+    if option is True:
+        if reason is not None:
+            raise ValueError(f"fused_layers=True, but the fused decode layers cannot run this model: {reason}")
+        return FusedDecodeLayers(llm, cache)
+    # auto: past MAX_ROWS rows the ops fall back to ATen per op, slower on CUDA than transformers'
+    # compiled layers; on the CPU both are ATen.
+    if reason is not None or (device.type == "cuda" and rows > MAX_ROWS):
+        return None
+    return FusedDecodeLayers(llm, cache)
+
+
 # Decoders whose CUDA graph is worth keeping between calls: model -> the latest one.
 _DECODERS = weakref.WeakKeyDictionary()
 
@@ -714,21 +741,23 @@ def release_decoders(model):
     _DECODERS.pop(model, None)
 
 
-def _decoder_key(model, batch_size, cache_len, sampling, eos_ids, compile_step):
+def _decoder_key(model, batch_size, cache_len, sampling, eos_ids, compile_step, fused_layers):
     weight = model.llm.get_input_embeddings().weight
     return (batch_size, cache_len, sampling, tuple(eos_ids), weight.device, weight.dtype, weight.data_ptr(),
-            compile_step)
+            compile_step, fused_layers)
 
 
-def _decoder(model, batch_size, cache_len, sampling, eos_ids, generator, cuda_graph, compile_step):
+def _decoder(model, batch_size, cache_len, sampling, eos_ids, generator, cuda_graph, compile_step, fused_layers):
     if not cuda_graph:
-        return StaticDecoder(model, batch_size, cache_len, sampling, eos_ids, generator, compile_step=compile_step)
+        return StaticDecoder(model, batch_size, cache_len, sampling, eos_ids, generator, compile_step=compile_step,
+                             fused_layers=fused_layers)
     kept = _DECODERS.get(model)
-    if kept is not None and kept.key == _decoder_key(model, batch_size, cache_len, sampling, eos_ids, compile_step):
+    key = _decoder_key(model, batch_size, cache_len, sampling, eos_ids, compile_step, fused_layers)
+    if kept is not None and kept.key == key:
         return kept
     _DECODERS.pop(model, None)  # free the old cache before allocating a new one
     decoder = StaticDecoder(model, batch_size, cache_len, sampling, eos_ids, generator, cuda_graph=True,
-                            compile_step=compile_step)
+                            compile_step=compile_step, fused_layers=fused_layers)
     _DECODERS[model] = decoder
     return decoder
 
@@ -785,7 +814,7 @@ class _EvalMode:
 
 def start_decoding(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=256, min_new_tokens=0,
                    temperature=0.0, top_k=0, top_p=1.0, max_images=None, cfg_scale=None, response_prefix=None,
-                   eos_token_ids=None, generator=None, cuda_graph=False, compile_step=False):
+                   eos_token_ids=None, generator=None, cuda_graph=False, compile_step=False, fused_layers="auto"):
     """The first half of `generate`: encodes the prompts, builds (or reuses) a `StaticDecoder`
     and runs its prefill, which emits the first token. Call ``decoder.step()`` up to
     ``max_new_tokens - 1`` times for the rest (benchmarks and custom loops do; the model should
@@ -794,13 +823,16 @@ def start_decoding(model, prompts, images=None, *, visual_tokens=None, max_new_t
     eos_ids = _eos_ids(model, eos_token_ids)
     if not isinstance(compile_step, bool):
         raise ValueError(f"compile_step must be a bool, got {compile_step!r}")
+    if fused_layers not in ("auto", True, False):
+        raise ValueError(f'fused_layers must be "auto", True or False, got {fused_layers!r}')
     device = model.llm.get_input_embeddings().weight.device
     with torch.no_grad():
         cond, uncond = _encode_all(model, prompts, images, visual_tokens, response_prefix, cfg_scale)
         embeds, valid, positions = _left_padded(model, cond + (uncond or []), device, PROMPT_LEN_MULTIPLE)
         length = embeds.shape[1] + max_new_tokens
         cache_len = -(-length // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
-        decoder = _decoder(model, len(cond), cache_len, sampling, eos_ids, generator, cuda_graph, compile_step)
+        decoder = _decoder(model, len(cond), cache_len, sampling, eos_ids, generator, cuda_graph, compile_step,
+                           fused_layers)
         mode, images_left = _initial_state(model, cond, sampling, device)
         decoder.prefill(embeds, valid, positions, mode, images_left)
     return decoder
@@ -808,7 +840,8 @@ def start_decoding(model, prompts, images=None, *, visual_tokens=None, max_new_t
 
 def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=256, min_new_tokens=0,
              temperature=0.0, top_k=0, top_p=1.0, max_images=None, cfg_scale=None, response_prefix=None,
-             eos_token_ids=None, generator=None, cuda_graph=False, compile_step=False, stop_check_interval=8):
+             eos_token_ids=None, generator=None, cuda_graph=False, compile_step=False, fused_layers="auto",
+             stop_check_interval=8):
     """Generates text and images for a batch of prompts (see the module docstring).
 
     Args:
@@ -838,6 +871,11 @@ def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=
             fused kernels, a faster step (most with cuda_graph, where launches no longer hide the
             many small kernels). The first call for each decoder shape compiles (tens of seconds
             for a 1B model); greedy ids equal the uncompiled step's up to floating-point rounding.
+        fused_layers: run the decode step's decoder layers through `vpit_fast.fused_decode`
+            (five fused ops plus attention per layer, the same weights and cache) instead of
+            transformers' layers. ``"auto"``: when the LLM is LLaMA-family and, on CUDA, the
+            step has at most `vpit_fast.fused_decode.MAX_ROWS` rows (batch, doubled with
+            guidance); True: always (an error names what the model lacks); False: never.
         stop_check_interval: steps between host checks that every sequence has finished.
 
     Returns:
@@ -850,7 +888,7 @@ def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=
                                  min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  max_images=max_images, cfg_scale=cfg_scale, response_prefix=response_prefix,
                                  eos_token_ids=eos_token_ids, generator=generator, cuda_graph=cuda_graph,
-                                 compile_step=compile_step)
+                                 compile_step=compile_step, fused_layers=fused_layers)
         steps = 1
         while steps < max_new_tokens:
             if steps % stop_check_interval == 0 and bool(decoder.finished()):

@@ -4,6 +4,7 @@
 
 #include "decode_attention.h"
 #include "decode_dispatch.h"
+#include "decode_layer.h"
 #include "head_loss.h"
 #include "interpolate_tokens.h"
 #include "scale_inplace.h"
@@ -27,6 +28,12 @@ TORCH_LIBRARY(vpit_fast, m) {
         "Tensor token_embedding) -> Tensor");
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor key_valid, float scale) "
         "-> Tensor");
+  m.def("decode_qkv_rope(Tensor hidden, Tensor norm_weight, float eps, Tensor wq, Tensor wk, Tensor wv, "
+        "Tensor? bq, Tensor? bk, Tensor? bv, Tensor inv_freq, float rope_scale, Tensor positions, "
+        "Tensor cursor, Tensor(a!) key_cache, Tensor(b!) value_cache) -> Tensor");
+  m.def("decode_gate_up(Tensor hidden, Tensor norm_weight, float eps, Tensor w_gate, Tensor w_up, "
+        "Tensor? b_gate, Tensor? b_up) -> Tensor");
+  m.def("decode_proj_add_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor? bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
@@ -37,6 +44,9 @@ TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("decode_dispatch_prepare", &vpit::decode_dispatch_prepare_cpu);
   m.impl("decode_dispatch_assemble", &vpit::decode_dispatch_assemble_cpu);
   m.impl("decode_attention", &vpit::decode_attention_cpu);
+  m.impl("decode_qkv_rope", &vpit::decode_qkv_rope);
+  m.impl("decode_gate_up", &vpit::decode_gate_up);
+  m.impl("decode_proj_add_", &vpit::decode_proj_add_);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
@@ -48,5 +58,9 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("decode_dispatch_prepare", &vpit::decode_dispatch_prepare_cuda);
   m.impl("decode_dispatch_assemble", &vpit::decode_dispatch_assemble_cuda);
   m.impl("decode_attention", &vpit::decode_attention_cuda);
+  // Shared with the CPU: ATen ops where the kernels do not take the arguments.
+  m.impl("decode_qkv_rope", &vpit::decode_qkv_rope);
+  m.impl("decode_gate_up", &vpit::decode_gate_up);
+  m.impl("decode_proj_add_", &vpit::decode_proj_add_);
 }
 #endif

@@ -146,3 +146,50 @@ def decode_attention(query, key, value, key_valid, scale):
     scores = scores.masked_fill(~valid, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid slot: all -inf
     return torch.einsum("bhl,bhld->bhd", probs, v.masked_fill(~valid[..., None], 0))
+
+
+def _rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm, computed in float32 or (for float64 inputs) float64."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rope(x, positions, inv_freq, rope_scale):
+    """transformers' apply_rotary_pos_emb on ``[R, heads, D]`` at ``positions`` ``[R]``. The angles
+    are float32 products, as transformers computes them (the op's definition); cos and sin are
+    taken in float64 for float64 inputs."""
+    freqs = (positions.float()[:, None] * inv_freq.float()[None, :]).to(torch.promote_types(x.dtype, torch.float32))
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+    cos = (angles.cos() * rope_scale).to(x.dtype)
+    sin = (angles.sin() * rope_scale).to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def decode_qkv_rope(hidden, norm_weight, eps, wq, wk, wv, bq, bk, bv, inv_freq, rope_scale, positions, cursor,
+                    key_cache, value_cache):
+    """A LLaMA-family layer's attention input for one new token per row: RMSNorm, the q / k / v
+    projections and RoPE; writes k and v at slot ``cursor`` of the caches (in place) and returns
+    q ``[R, heads, D]``. hidden ``[R, H]``; caches ``[R, Hkv, L, D]``; positions ``[R]`` int64."""
+    R, D = hidden.shape[0], key_cache.shape[-1]
+    xn = _rms_norm(hidden, norm_weight, eps)
+    q = _rope(F.linear(xn, wq, bq).view(R, wq.shape[0] // D, D), positions, inv_freq, rope_scale)
+    k = _rope(F.linear(xn, wk, bk).view(R, wk.shape[0] // D, D), positions, inv_freq, rope_scale)
+    v = F.linear(xn, wv, bv).view(R, wv.shape[0] // D, D)
+    slot = cursor.reshape(1)
+    key_cache.index_copy_(2, slot, k[:, :, None])
+    value_cache.index_copy_(2, slot, v[:, :, None])
+    return q
+
+
+def decode_gate_up(hidden, norm_weight, eps, w_gate, w_up, b_gate=None, b_up=None):
+    """silu(gate) * up ``[R, I]`` of the RMSNorm of hidden ``[R, H]`` (a LLaMA MLP's first half)."""
+    xn = _rms_norm(hidden, norm_weight, eps)
+    return F.silu(F.linear(xn, w_gate, b_gate)) * F.linear(xn, w_up, b_up)
+
+
+def decode_proj_add(residual, x, weight, bias=None):
+    """residual ``[R, N]`` + x ``[R, K]`` weight^T + bias, returned (the reference does not write
+    in place)."""
+    return residual + F.linear(x, weight, bias)
