@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from vpit_fast.data.conversations import MalformedRecord, Sample, encode_all, encode_conversation
+from vpit_fast.data.conversations import (MalformedRecord, Sample, drop_conditions, encode_all, encode_conversation,
+                                          is_text_to_image)
 from vpit_fast.data.packing import PackedBatch, collate_packed, pack, pad_batch
 from vpit_fast.data.shapes import ShapesDataset
 from vpit_fast.data.tokenizer import build_tokenizer
@@ -119,6 +120,36 @@ def test_malformed_raises(tok, rec, reason):
     with pytest.raises(MalformedRecord, match=reason) as info:
         encode_conversation(rec, tok, num_visual_tokens=N)
     assert info.value.record_id == rec["id"]
+
+
+def test_drop_conditions_empties_a_fixed_fraction_of_text_to_image_prompts(tok):
+    """Condition dropout: only text-to-image records change (their user message emptied, marked
+    unconditional, the response kept); the choice is fixed by the seed and the record ids; the
+    empty user turn encodes as the template's empty user message, with the same labels on the
+    response as the conditional record."""
+    records = list(ShapesDataset(size=700, tasks=["text_to_image", "image_qa", "image_editing"]))
+    dropped = drop_conditions(records, 0.2, seed=0)
+    assert drop_conditions(records, 0.2, seed=0) == dropped and drop_conditions(records, 0.2, seed=1) != dropped
+    assert drop_conditions(records, 0.0) == records
+    changed = [(a, b) for a, b in zip(records, dropped) if a != b]
+    t2i = [r for r in records if is_text_to_image(r)]
+    assert len(t2i) == sum(r["task"] == "text_to_image" for r in records)
+    assert all(a["task"] == "text_to_image" for a, _ in changed)
+    assert 0.12 < len(changed) / len(t2i) < 0.28
+    for before, after in changed:
+        assert after["unconditional"] and after["conversations"][0]["value"] == ""
+        assert after["conversations"][1] == before["conversations"][1] and after["image"] == before["image"]
+        assert "unconditional" not in before
+    before, after = changed[0]
+    conditional, unconditional = (encode_conversation(r, tok, num_visual_tokens=N) for r in (before, after))
+    shift = len(conditional.input_ids) - len(unconditional.input_ids)
+    assert tok.convert_ids_to_tokens(unconditional.input_ids[:3].tolist()) == [*PROMPT, "<|end|>"]
+    assert torch.equal(unconditional.labels, conditional.labels[shift:])
+    assert torch.equal(unconditional.image_slots, conditional.image_slots - shift)
+    with pytest.raises(MalformedRecord, match="empty"):  # an empty turn without the mark stays malformed
+        encode_conversation({**after, "unconditional": False}, tok, num_visual_tokens=N)
+    with pytest.raises(ValueError, match="fraction"):
+        drop_conditions(records, 1.5)
 
 
 def test_encode_all_skip_and_raise(tok):

@@ -172,6 +172,34 @@ def test_precomputed_tokens_equal_pixels(tokenizer, encoder_dir, tmp_path):
     assert with_pixels.loss.item() == with_tokens.loss.item()
 
 
+def test_target_noise_touches_only_target_inputs_in_training(tokenizer, encoder_dir, tmp_path):
+    """config.target_noise: in training, the input copies of generation targets are noisy (and
+    still unit-norm with normalize_visual), prompt images and the loss targets stay clean; in eval
+    mode, and with target_noise=0, the forward is unchanged."""
+    model = build("llama", build_tokenizer(), encoder_dir, tmp_path, VPiTConfig(normalize_visual=True))
+    batch = shapes_batch(model, model.tokenizer, size=8)
+    tokens = model.visual(batch.pop("pixel_values"))
+    batch["visual_tokens"] = tokens
+    is_target = batch["image_is_target"]
+    assert is_target.any() and not is_target.all()
+    model.config.target_noise = 0.5
+    noisy = model.noisy_targets(tokens, is_target, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy[~is_target], tokens[~is_target], rtol=0, atol=0)
+    assert (noisy[is_target] - tokens[is_target]).abs().max() > 1e-3
+    torch.testing.assert_close(noisy.norm(dim=-1), torch.ones(noisy.shape[:2]))
+    cosine = (noisy[is_target] * tokens[is_target]).sum(-1)
+    assert cosine.min() > 0.5  # relative noise norm at most 0.5: cos(x, x + n) >= 0.89 on average
+    model.eval()
+    clean = model(**VPiTModel.batch_inputs(batch)).loss.item()
+    assert model(**VPiTModel.batch_inputs(batch)).loss.item() == clean
+    model.train()
+    assert model(**VPiTModel.batch_inputs(batch)).loss.item() != clean
+    model.config.target_noise = 0.0
+    assert model(**VPiTModel.batch_inputs(batch)).loss.item() == clean
+    with pytest.raises(ValueError, match="target_noise"):
+        VPiTConfig(target_noise=-1.0)
+
+
 def test_save_and_load_round_trip(tokenizer, encoder_dir, tmp_path):
     model = build("qwen2", build_tokenizer(), encoder_dir, tmp_path, VPiTConfig(vision_head="mlp"))
     with torch.no_grad():  # make the adapter and head differ from a fresh initialisation

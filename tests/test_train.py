@@ -164,3 +164,16 @@ def test_shapes_tasks_weigh_the_train_mix_only(tmp_path):
                                              "video_qa", "frame_prediction", "frame_reordering"}
     with pytest.raises(ValueError, match="tasks"):
         loop.records_and_images(config(tmp_path, "data.shapes_tasks=[drawing]"))
+
+
+def test_condition_dropout_and_target_noise_reach_the_run(tmp_path):
+    """data.uncond_fraction empties that fraction of the train text-to-image prompts (the held-out
+    split keeps its prompts); model.target_noise reaches the exported VPiTConfig; bad values are
+    refused with the key's name."""
+    cfg = config(tmp_path, "data.uncond_fraction=0.5", "model.target_noise=2.0", "data.shapes_size=40")
+    loop.train(cfg)
+    assert VPiTModel.from_pretrained(tmp_path / "export").config.target_noise == 2.0
+    for bad in ("data.uncond_fraction=1.5", "model.target_noise=-1"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            config(tmp_path, bad)
+

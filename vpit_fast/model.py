@@ -55,6 +55,11 @@ class VPiTConfig:
         (`VisualTokens.fit_standardization`, saved with the encoder); inputs, targets, generated
         tokens and retrieval then all live in that space.
     text_weight, visual_weight: loss = text_weight * CE + visual_weight * (1 - cos).
+    target_noise: training only (not in the paper): the input copies of generation-target visual
+        tokens get Gaussian noise, per image of relative norm ``sigma ~ U(0, target_noise)`` (then
+        re-normalised when ``normalize_visual``); the targets stay clean. Each generated token
+        must then come from the prompt more than from a copy of the previous tokens, which is what
+        free-running generation (fed its own imperfect tokens) needs. 0: off.
     vocab_multiple: embedding rows are padded to a multiple of this.
     text_vocab_size, image_token_id, image_start_id, image_end_id: set when the tokens are added.
     """
@@ -67,6 +72,7 @@ class VPiTConfig:
     standardize_visual: bool = False
     text_weight: float = 1.0
     visual_weight: float = 1.0
+    target_noise: float = 0.0
     vocab_multiple: int = 128
     text_vocab_size: int = 0
     image_token_id: int = -1
@@ -81,6 +87,8 @@ class VPiTConfig:
             raise ValueError(f"num_visual_tokens must be a square number (8x8 = 64), got {self.num_visual_tokens}")
         if self.visual_dim < 1 or self.vocab_multiple < 1:
             raise ValueError("visual_dim and vocab_multiple must be positive")
+        if not self.target_noise >= 0:
+            raise ValueError(f"target_noise must be >= 0, got {self.target_noise!r}")
 
     @property
     def grid(self):
@@ -244,6 +252,19 @@ class VPiTModel(nn.Module):
         positions = self._slot_positions(image_slots, image_batch_index, T)
         return embeds.reshape(B * T, H).index_copy(0, positions.reshape(-1), adapted.reshape(-1, H)).view(B, T, H)
 
+    def noisy_targets(self, visual_tokens, image_is_target, generator=None):
+        """``visual_tokens`` ``[M, n, Dv]`` with the generation targets' (``image_is_target``) made
+        noisy as ``config.target_noise`` says (a new tensor; the others unchanged)."""
+        x = visual_tokens.float()
+        target = image_is_target.to(x.device)
+        sigma = torch.rand(x.shape[0], 1, 1, generator=generator, device=x.device) * self.config.target_noise
+        sigma = sigma * target[:, None, None]
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        noisy = x + sigma * x.norm(dim=-1, keepdim=True) * noise / x.shape[-1] ** 0.5
+        if self.config.normalize_visual:
+            noisy = F.normalize(noisy, dim=-1)
+        return torch.where(target[:, None, None], noisy, x).to(visual_tokens.dtype)
+
     def _slot_positions(self, image_slots, image_batch_index, T):
         """``[M, n]`` flat positions (over ``B * T``) of every image's slots."""
         n = self.config.num_visual_tokens
@@ -274,7 +295,10 @@ class VPiTModel(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         tokens = self._visual_tokens(pixel_values, visual_tokens, image_slots, image_batch_index, image_is_target, T)
-        embeds = self.embed(input_ids, tokens, image_slots, image_batch_index)
+        inputs = tokens
+        if self.training and self.config.target_noise > 0 and tokens is not None:
+            inputs = self.noisy_targets(tokens, image_is_target)
+        embeds = self.embed(input_ids, inputs, image_slots, image_batch_index)
         hidden = self.llm.base_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                                      use_cache=False, **self._attention_kwargs(cu_seqlens, max_seqlen, B * T)
                                      ).last_hidden_state

@@ -116,7 +116,7 @@ def _validate(record):
         if role not in ROLES:
             raise MalformedRecord(record_id, f"turn {i} has role {role!r}, not 'human' or 'gpt'")
         value = turn.get("value")
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not (value.strip() or (role == "human" and record.get("unconditional"))):
             raise MalformedRecord(record_id, f"turn {i} has empty text")
         for token in (IMAGE_START, IMAGE_END):
             if token in value:
@@ -214,6 +214,35 @@ def encode_conversation(record, tokenizer, num_visual_tokens=64):
     labels[slots.reshape(-1)] = IGNORE_INDEX
     return Sample(input_ids=input_ids, labels=labels, image_keys=keys, image_slots=starts + 1,
                   image_is_target=target, id=record_id, num_visual_tokens=n)
+
+
+def is_text_to_image(record):
+    """True for a record whose human turns hold no image and whose gpt turns hold at least one."""
+    turns = record.get("conversations") or []
+    human = sum(t.get("value", "").count(IMAGE) for t in turns if t.get("from") == "human")
+    gpt = sum(t.get("value", "").count(IMAGE) for t in turns if t.get("from") == "gpt")
+    return human == 0 and gpt > 0
+
+
+def drop_conditions(records, fraction, seed=0):
+    """Condition dropout for classifier-free guidance (not in the MetaMorph paper): a fixed
+    ``fraction`` of the text-to-image records (`is_text_to_image`), chosen by ``seed`` and each
+    record's id, get every human message emptied, the unconditional prompt that generation's
+    ``cfg_scale`` pairs each prompt with; they are marked ``"unconditional": True`` (which lets
+    `encode_conversation` accept the empty turns). Returns a new list (changed records are
+    copies)."""
+    import random
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    out = []
+    for index, record in enumerate(records):
+        rng = random.Random(f"vpit-uncond/{seed}/{record.get('id', index)}")
+        if fraction > 0 and is_text_to_image(record) and rng.random() < fraction:
+            turns = [{**t, "value": ""} if t.get("from") == "human" else dict(t) for t in record["conversations"]]
+            record = {**record, "conversations": turns, "unconditional": True}
+        out.append(record)
+    return out
 
 
 def encode_all(records, tokenizer, num_visual_tokens=64, on_error="skip"):

@@ -34,6 +34,8 @@ class ModelConfig:
         mean token, the per-channel std; `VisualTokens.fit_standardization`),
         saved with the exported encoder. The tiny preset turns it on: its random-weight tower makes
         tokens that share most of their direction across images.
+    target_noise: noise on the input copies of generation-target visual tokens in training
+        (`vpit_fast.VPiTConfig.target_noise`; not in the paper).
     dtype: parameters' compute dtype on GPU (bfloat16 or float32); the CPU runs in float32.
     """
 
@@ -46,6 +48,7 @@ class ModelConfig:
     standardize_visual: bool = False
     text_weight: float = 1.0
     visual_weight: float = 1.0
+    target_noise: float = 0.0
     dtype: str = "bfloat16"
 
 
@@ -57,7 +60,9 @@ class DataConfig:
     (the tower then never runs in the loop). shapes_*: size, image side and seed of the shapes data
     (``eval_size`` records of its held-out split are evaluated); shapes_tasks: the train split's
     task cycle (a name may repeat to weigh the mix; empty: every task once), the held-out split
-    always cycles through every task."""
+    always cycles through every task. uncond_fraction: condition dropout for classifier-free
+    guidance: this fraction of the train text-to-image records get an empty user message
+    (`vpit_fast.data.conversations.drop_conditions`; not in the paper)."""
 
     source: str = "shapes"
     image_root: str = ""
@@ -71,6 +76,7 @@ class DataConfig:
     shapes_seed: int = 0
     shapes_tasks: tuple[str, ...] = ()
     eval_size: int = 1050  # 150 records of each task: 150 generation prompts, 150 image questions
+    uncond_fraction: float = 0.0
 
 
 @dataclass
@@ -122,6 +128,10 @@ class TrainConfig:
         for key, value in (("steps", self.steps), ("data.budget", self.data.budget)):
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
+        if not 0.0 <= self.data.uncond_fraction <= 1.0:
+            raise ValueError(f"data.uncond_fraction must be in [0, 1], got {self.data.uncond_fraction}")
+        if not self.model.target_noise >= 0.0:
+            raise ValueError(f"model.target_noise must be >= 0, got {self.model.target_noise}")
         for key, value in (("grad_accum", self.grad_accum), ("data.batch_size", self.data.batch_size),
                            ("log_every", self.log_every), ("save_every", self.save_every),
                            ("keep_last", self.keep_last)):

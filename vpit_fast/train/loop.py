@@ -67,9 +67,12 @@ def build_model(config):
 
     m = config.model
     if m.init:
-        return VPiTModel.from_pretrained(m.init, dtype=torch.float32)
+        model = VPiTModel.from_pretrained(m.init, dtype=torch.float32)
+        model.config.target_noise = m.target_noise
+        return model
     vpit_config = VPiTConfig(vision_head=m.vision_head, normalize_visual=m.normalize_visual,
-                             standardize_visual=m.standardize_visual, text_weight=m.text_weight, visual_weight=m.visual_weight)
+                             standardize_visual=m.standardize_visual, text_weight=m.text_weight, visual_weight=m.visual_weight,
+                             target_noise=m.target_noise)
     # A preset name loads its real checkpoint when it is in the local cache, else random weights.
     encoder = presets.local_pretrained(m.encoder) or m.encoder
     llm_name = presets.local_pretrained(m.llm) or m.llm
@@ -183,6 +186,10 @@ def build_data(config, model, runtime):
 
     d = config.data
     train_records, eval_records, source = records_and_images(config)
+    if d.uncond_fraction:
+        from vpit_fast.data.conversations import drop_conditions
+
+        train_records = drop_conditions(train_records, d.uncond_fraction, seed=config.seed)
     if d.precompute:
         images = precompute_tokens(model, train_records + eval_records, source, config.out_dir, runtime)
         processor = None
