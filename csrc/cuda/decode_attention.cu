@@ -19,6 +19,7 @@
 #include <cmath>
 
 #include "dtypes.cuh"
+#include "pdl.cuh"
 
 namespace vpit::cuda {
 namespace {
@@ -61,6 +62,9 @@ split_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __
              const bool* __restrict__ key_valid, DecodeAttentionShape s, int group_slices,
              int64_t tiles_per_split, int64_t splits, float* __restrict__ part_out,
              float* __restrict__ part_max, float* __restrict__ part_sum) {
+  // Everything this kernel reads may come from the kernel before it (the query, the new slot).
+  wait_for_previous_kernel();
+  allow_next_kernel();
   const int64_t split = blockIdx.x;
   const int64_t kv_head = blockIdx.y / group_slices;
   const int slice = static_cast<int>(blockIdx.y % group_slices);
@@ -253,6 +257,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 merge_kernel(const float* __restrict__ part_out, const float* __restrict__ part_max,
              const float* __restrict__ part_sum, int64_t splits, int64_t dim, T* __restrict__ out) {
+  wait_for_previous_kernel();
+  allow_next_kernel();  // e.g. the output projection starts streaming its weights
   extern __shared__ float weight_sh[];  // [merge_weight_floats(splits)], zeros past splits
   __shared__ float scratch[kWarps];
   const int64_t pair = blockIdx.x;  // b * heads + h
@@ -302,7 +308,7 @@ Splits splits_of(const DecodeAttentionShape& s, int num_sms) {
 template <typename T, int VEC>
 cudaError_t launch(const void* query, const void* key, const void* value, const bool* key_valid,
                    void* out, float* scratch, const DecodeAttentionShape& s, int num_sms,
-                   cudaStream_t stream) {
+                   bool programmatic, cudaStream_t stream) {
   const Splits split = splits_of(s, num_sms);
   const int64_t splits = split.splits, pairs = s.batch * s.heads;
   float* part_out = scratch;
@@ -314,26 +320,26 @@ cudaError_t launch(const void* query, const void* key, const void* value, const 
   const size_t smem = static_cast<size_t>(layout.floats(s.head_dim)) * sizeof(float);
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(s.kv_heads * group_slices),
                   static_cast<unsigned>(s.batch));
-  split_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(query), static_cast<const T*>(key), static_cast<const T*>(value),
-      key_valid, s, group_slices, split.tiles_per_split, splits, part_out, part_max, part_sum);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_kernel(
+      grid, dim3(kThreads), smem, stream, programmatic, split_kernel<T, VEC>, static_cast<const T*>(query),
+      static_cast<const T*>(key), static_cast<const T*>(value), key_valid, s, group_slices, split.tiles_per_split,
+      splits, part_out, part_max, part_sum);
   if (err != cudaSuccess) return err;
-  merge_kernel<T><<<static_cast<unsigned>(pairs), kThreads, size_t(merge_weight_floats(splits)) * sizeof(float),
-                     stream>>>(
-      part_out, part_max, part_sum, splits, s.head_dim, static_cast<T*>(out));
-  return cudaGetLastError();
+  return launch_kernel(dim3(static_cast<unsigned>(pairs)), dim3(kThreads),
+                       size_t(merge_weight_floats(splits)) * sizeof(float), stream, programmatic, merge_kernel<T>,
+                       static_cast<const float*>(part_out), static_cast<const float*>(part_max),
+                       static_cast<const float*>(part_sum), splits, s.head_dim, static_cast<T*>(out));
 }
 
 template <typename T>
 cudaError_t launch_typed(const void* query, const void* key, const void* value,
                          const bool* key_valid, void* out, float* scratch,
                          const DecodeAttentionShape& s, int num_sms, bool vectorized,
-                         cudaStream_t stream) {
+                         bool programmatic, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   if (vectorized && s.head_dim % kVec == 0)
-    return launch<T, kVec>(query, key, value, key_valid, out, scratch, s, num_sms, stream);
-  return launch<T, 1>(query, key, value, key_valid, out, scratch, s, num_sms, stream);
+    return launch<T, kVec>(query, key, value, key_valid, out, scratch, s, num_sms, programmatic, stream);
+  return launch<T, 1>(query, key, value, key_valid, out, scratch, s, num_sms, programmatic, stream);
 }
 
 }  // namespace
@@ -347,7 +353,7 @@ int64_t decode_attention_scratch_floats(const DecodeAttentionShape& s, int num_s
 cudaError_t decode_attention(const void* query, const void* key, const void* value,
                              const bool* key_valid, void* out, float* scratch, DType dtype,
                              const DecodeAttentionShape& shape, int num_sms, bool vectorized,
-                             cudaStream_t stream) {
+                             bool programmatic, cudaStream_t stream) {
   if (shape.batch == 0 || shape.heads == 0 || shape.head_dim == 0) return cudaSuccess;
   if (shape.cache_len == 0) {
     // No slot at all: every row has no valid slot, so the output is zeros.
@@ -357,13 +363,13 @@ cudaError_t decode_attention(const void* query, const void* key, const void* val
   switch (dtype) {
     case DType::kBFloat16:
       return launch_typed<__nv_bfloat16>(query, key, value, key_valid, out, scratch, shape, num_sms, vectorized,
-                                 stream);
+                                 programmatic, stream);
     case DType::kFloat16:
       return launch_typed<__half>(query, key, value, key_valid, out, scratch, shape, num_sms, vectorized,
-                                 stream);
+                                 programmatic, stream);
     default:
       return launch_typed<float>(query, key, value, key_valid, out, scratch, shape, num_sms, vectorized,
-                                 stream);
+                                 programmatic, stream);
   }
 }
 

@@ -25,10 +25,12 @@ int64_t decode_attention_scratch_floats(const DecodeAttentionShape& shape, int n
 // value, out: `dtype`; out [batch, heads, head_dim] contiguous; scratch:
 // decode_attention_scratch_floats(shape, num_sms) floats. `vectorized`: every row start of query,
 // key and value is 16-byte aligned (the caller checks), so rows move in 16-byte packs.
+// `programmatic`: both kernels use programmatic dependent launch (pdl.cuh; Hopper and later), so
+// they start while the kernel before them ends and let the next kernel start early.
 // head_dim <= kDecodeAttentionMaxHeadDim; batch < 65536.
 cudaError_t decode_attention(const void* query, const void* key, const void* value,
                              const bool* key_valid, void* out, float* scratch, DType dtype,
                              const DecodeAttentionShape& shape, int num_sms, bool vectorized,
-                             cudaStream_t stream);
+                             bool programmatic, cudaStream_t stream);
 
 }  // namespace vpit::cuda

@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "dtypes.cuh"
+#include "pdl.cuh"
 
 namespace vpit::cuda {
 namespace {
@@ -38,21 +39,6 @@ static_assert(kRingBytes == int64_t(kWarps) * kStages * 2 * 1024, "a ring slot h
 template <typename T>
 __device__ __forceinline__ float rounded(float v) {
   return Float<T>::load(Float<T>::store(v));
-}
-
-// Programmatic dependent launch (Hopper): a kernel launched with the PDL attribute may start
-// while the kernel before it finishes; it reads only weights (never written during the step)
-// until wait_for_previous_kernel(), which returns once the previous kernel completed and its
-// writes are visible. allow_next_kernel() lets the next kernel start early on the same terms.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
 }
 
 __device__ __forceinline__ void copy_16_async(void* shared, const void* global) {
@@ -407,17 +393,8 @@ struct Launch {
 
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch(const Launch& l, void (*kernel)(KernelArgs...), Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(l.grid));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(l.stage);
-  config.stream = l.stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = l.programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);
+  return launch_kernel(dim3(static_cast<unsigned>(l.grid)), dim3(kThreads), static_cast<size_t>(l.stage), l.stream,
+                       l.programmatic, kernel, args...);
 }
 
 template <typename T, int R>

@@ -3,6 +3,7 @@
 
 #include "../cuda/decode_attention.h"
 #include "checks.h"
+#include "cuda_device.h"
 #include "cuda_dtype.h"
 #include "decode_attention.h"
 
@@ -28,7 +29,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& key,
   VPIT_CHECK_ARG("decode_attention", s.batch < 65536, "batch must be below 65536 on CUDA, got ",
                  s.batch);
   const c10::cuda::CUDAGuard guard(query.device());
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int num_sms = current_num_sms();
   at::Tensor out = at::empty({s.batch, s.heads, s.head_dim}, query.options());
   at::Tensor scratch = at::empty({cuda::decode_attention_scratch_floats(s, num_sms)},
                                  query.options().dtype(at::kFloat));
@@ -36,7 +37,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, const at::Tensor& key,
   const cudaError_t err = cuda::decode_attention(
       a.query.data_ptr(), a.key.data_ptr(), a.value.data_ptr(), a.key_valid.data_ptr<bool>(),
       out.data_ptr(), scratch.data_ptr<float>(), cuda_dtype(query), s, num_sms, vectorized,
-      at::cuda::getCurrentCUDAStream());
+      current_supports_programmatic_launch(), at::cuda::getCurrentCUDAStream());
   VPIT_CHECK(err == cudaSuccess, "vpit_fast.decode_attention: CUDA error: ",
              cudaGetErrorString(err));
   return out;

@@ -3,6 +3,7 @@
 
 #include "../cuda/decode_layer.h"
 #include "checks.h"
+#include "cuda_device.h"
 #include "cuda_dtype.h"
 #include "decode_layer.h"
 
@@ -24,10 +25,6 @@ bool contiguous_or_none(const OptionalTensor& t) { return !t.has_value() || t->i
 
 const void* ptr_or_null(const OptionalTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Programmatic dependent launch needs compute capability 9.0 (Hopper) or later.
-bool programmatic() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
 
 // The kernels' shared memory (weight ring + staged rows) within what a block may opt in to.
 bool stage_fits(const at::Tensor& hidden) {
@@ -71,7 +68,7 @@ bool decode_qkv_rope_cuda(const at::Tensor& hidden, const at::Tensor& norm_weigh
                                      wv.data_ptr(), ptr_or_null(bq), ptr_or_null(bk), ptr_or_null(bv),
                                      inv_freq.data_ptr<float>(), positions.data_ptr<int64_t>(),
                                      cursor.data_ptr<int64_t>(), query.data_ptr(), key_cache.data_ptr(),
-                                     value_cache.data_ptr(), cuda_dtype(hidden), s, num_sms(), programmatic(),
+                                     value_cache.data_ptr(), cuda_dtype(hidden), s, current_num_sms(), current_supports_programmatic_launch(),
                                      at::cuda::getCurrentCUDAStream()));
   return true;
 }
@@ -94,7 +91,7 @@ bool decode_gate_up_cuda(const at::Tensor& hidden, const at::Tensor& norm_weight
   check_launch("decode_gate_up",
                cuda::decode_gate_up(hidden.data_ptr(), norm_weight.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
                                     ptr_or_null(b_gate), ptr_or_null(b_up), out.data_ptr(), cuda_dtype(hidden), s,
-                                    num_sms(), programmatic(), at::cuda::getCurrentCUDAStream()));
+                                    current_num_sms(), current_supports_programmatic_launch(), at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -113,7 +110,7 @@ bool decode_proj_add_cuda(at::Tensor& residual, const at::Tensor& x, const at::T
   s.residual_stride = residual.stride(0);
   check_launch("decode_proj_add_",
                cuda::decode_proj_add(residual.data_ptr(), x.data_ptr(), weight.data_ptr(), ptr_or_null(bias),
-                                     cuda_dtype(residual), s, num_sms(), programmatic(),
+                                     cuda_dtype(residual), s, current_num_sms(), current_supports_programmatic_launch(),
                                      at::cuda::getCurrentCUDAStream()));
   return true;
 }

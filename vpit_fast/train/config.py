@@ -4,8 +4,9 @@ overrides (``vpit-train --preset tiny optim.lr=3e-4 data.budget=512``).
 Presets:
     tiny          the embedded default: a tiny LLaMA, a tiny 1-layer SigLIP whose tokens are local
                   (`vpit_fast.presets.ENCODERS`, "tiny-local"), standardised and L2-normalised, and
-                  the procedural shapes data with text-to-image and image-QA weighted up; trains
-                  on two CPU cores in minutes.
+                  the procedural shapes data with text-to-image and image-QA weighted up, noisy
+                  image inputs for generation targets, condition dropout and the visual loss
+                  weighted 3x; trains on two CPU cores in about 7 minutes.
     paper-stage1  MetaMorph stage 1 (adapter pretraining, Table 2: lr 4.90e-5, wd 0, batch 768)
                   on LLaMA-3.1-8B-Instruct and SigLIP-so400m@384, by hub name (or local paths).
     paper-stage2  stage 2 (everything but the vision tower, lr 6.93e-5, wd 0, batch 1536, one
@@ -157,12 +158,18 @@ TINY_TASKS = ("image_qa", "text_to_image", "image_editing", "visual_thinking", "
 
 PRESETS = {
     "tiny": TrainConfig(
-        model=ModelConfig(encoder="tiny-local", normalize_visual=True, standardize_visual=True),
+        # Noise on the input copies of generated images (target_noise), 10% of text-to-image
+        # prompts emptied (uncond_fraction, for guidance) and the visual loss weighted 3x: without
+        # them this 0.85M-parameter model continues whatever image it is fed instead of drawing
+        # the prompt (held-out generation accuracy 0.053 against 0.39 with them; image QA 0.69
+        # against 0.60; README "Embedded default").
+        model=ModelConfig(encoder="tiny-local", normalize_visual=True, standardize_visual=True, visual_weight=3.0,
+                          target_noise=3.0),
         # Text-to-image and image-QA three times each in the 11-task cycle (3/11 of the samples
         # each, against 1/7): generation needs the text-to-image signal, and image QA would
-        # otherwise lose to the visual loss in this 0.85M-parameter model.
-        data=DataConfig(shapes_tasks=TINY_TASKS),
-        steps=1300),
+        # otherwise lose to the visual loss.
+        data=DataConfig(shapes_tasks=TINY_TASKS, uncond_fraction=0.1),
+        steps=1600),
     "paper-stage1": _paper("stage1", 4.90e-5, 192),
     "paper-stage2": _paper("stage2", 6.93e-5, 384, init="runs/paper-stage1/export"),
     "bench-1b": TrainConfig(
