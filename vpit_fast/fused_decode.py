@@ -2,7 +2,7 @@
 
 transformers' decoder layer runs about fifteen kernels per decode step (norms, separate q / k / v
 projections, RoPE, cache writes, the MLP halves, residual adds); `FusedDecodeLayers` runs each
-layer as five ops plus attention (`vpit_fast.ops.decode_layer`, `vpit_fast.ops.decode_attention`)
+layer as four ops plus attention (`vpit_fast.ops.decode_layer`, `vpit_fast.ops.decode_attention`)
 over the same weights and the same transformers ``StaticCache``, with no copy of any weight. It
 covers the LLM families whose layers are LLaMA's (LLaMA, Qwen2, Mistral: RMSNorm, RoPE with
 static frequencies, SiLU-gated MLP, optional projection biases); `unsupported_reason` says why

@@ -26,7 +26,10 @@ How it runs (`generate`):
   step is captured once in a CUDA graph and replayed; the host only checks every
   ``stop_check_interval`` steps whether all rows have finished. The step's attention is
   `decode_attention` (grouped query heads packed onto their KV head, no copy of the cache); the
-  prefill uses the model's own implementation. With ``compile_step=True`` the step's model work
+  prefill uses the model's own implementation. For LLaMA-family LLMs with at most
+  `vpit_fast.fused_decode.MAX_ROWS` rows on CUDA (any number on the CPU) the step's decoder layers
+  are `vpit_fast.fused_decode.FusedDecodeLayers` (four fused ops plus attention per layer over
+  the model's own weights and cache) instead of transformers' layers (``fused_layers``). With ``compile_step=True`` the step's model work
   (LLM forward, heads, greedy choice) is compiled with ``torch.compile`` (inductor, fixed shapes)
   before the graph captures it: RMSNorm, rotary embedding, SiLU-gating and the cache writes fuse
   into a few kernels each instead of dozens of small ones.
@@ -872,7 +875,7 @@ def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=
             many small kernels). The first call for each decoder shape compiles (tens of seconds
             for a 1B model); greedy ids equal the uncompiled step's up to floating-point rounding.
         fused_layers: run the decode step's decoder layers through `vpit_fast.fused_decode`
-            (five fused ops plus attention per layer, the same weights and cache) instead of
+            (four fused ops plus attention per layer, the same weights and cache) instead of
             transformers' layers. ``"auto"``: when the LLM is LLaMA-family and, on CUDA, the
             step has at most `vpit_fast.fused_decode.MAX_ROWS` rows (batch, doubled with
             guidance); True: always (an error names what the model lacks); False: never.

@@ -7,8 +7,9 @@
 // Layout of every kernel: blocks of 8 warps; a warp owns one output unit at a time (one or two
 // weight rows) and streams its units' weights through a ring of kStages groups in shared memory
 // with cp.async, kStages - 1 groups in flight, the next unit's first groups loading while the
-// current unit ends. A group is kPacks 16-byte packs per lane per row; each lane reads back only
-// the packs it copied, so no synchronisation between lanes is needed. Every input row is
+// current unit ends. A group is kPairPacks (two-row units) or kSinglePacks (one-row units)
+// 16-byte packs per lane per row; each lane reads back only the packs it copied, so no
+// synchronisation between lanes is needed. Every input row is
 // accumulated against the same weights. Each kernel starts its weight copies before waiting for
 // the kernel before it (programmatic dependent launch on Hopper), so weight reads overlap the
 // previous kernel's tail. The RMSNorm kernels stage the normalised input rows in shared memory

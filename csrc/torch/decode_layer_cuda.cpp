@@ -29,7 +29,8 @@ const void* ptr_or_null(const OptionalTensor& t) { return t.has_value() ? t->dat
 // The kernels' shared memory (weight ring + staged rows) within what a block may opt in to.
 bool stage_fits(const at::Tensor& hidden) {
   const int64_t stage = hidden.size(0) * hidden.size(1) * int64_t(hidden.element_size());
-  return cuda::kDecodeLayerRingBytes + stage <= int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int64_t limit = int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  return cuda::kDecodeLayerRingBytes + stage <= limit;
 }
 
 void check_launch(const char* op, cudaError_t err) {
@@ -68,8 +69,8 @@ bool decode_qkv_rope_cuda(const at::Tensor& hidden, const at::Tensor& norm_weigh
                                      wv.data_ptr(), ptr_or_null(bq), ptr_or_null(bk), ptr_or_null(bv),
                                      inv_freq.data_ptr<float>(), positions.data_ptr<int64_t>(),
                                      cursor.data_ptr<int64_t>(), query.data_ptr(), key_cache.data_ptr(),
-                                     value_cache.data_ptr(), cuda_dtype(hidden), s, current_num_sms(), current_supports_programmatic_launch(),
-                                     at::cuda::getCurrentCUDAStream()));
+                                     value_cache.data_ptr(), cuda_dtype(hidden), s, current_num_sms(),
+                                     current_supports_programmatic_launch(), at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -89,9 +90,10 @@ bool decode_gate_up_cuda(const at::Tensor& hidden, const at::Tensor& norm_weight
   s.x_stride = hidden.stride(0);
   s.eps = static_cast<float>(eps);
   check_launch("decode_gate_up",
-               cuda::decode_gate_up(hidden.data_ptr(), norm_weight.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
-                                    ptr_or_null(b_gate), ptr_or_null(b_up), out.data_ptr(), cuda_dtype(hidden), s,
-                                    current_num_sms(), current_supports_programmatic_launch(), at::cuda::getCurrentCUDAStream()));
+               cuda::decode_gate_up(hidden.data_ptr(), norm_weight.data_ptr(), w_gate.data_ptr(),
+                                    w_up.data_ptr(), ptr_or_null(b_gate), ptr_or_null(b_up), out.data_ptr(),
+                                    cuda_dtype(hidden), s, current_num_sms(),
+                                    current_supports_programmatic_launch(), at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -110,8 +112,8 @@ bool decode_proj_add_cuda(at::Tensor& residual, const at::Tensor& x, const at::T
   s.residual_stride = residual.stride(0);
   check_launch("decode_proj_add_",
                cuda::decode_proj_add(residual.data_ptr(), x.data_ptr(), weight.data_ptr(), ptr_or_null(bias),
-                                     cuda_dtype(residual), s, current_num_sms(), current_supports_programmatic_launch(),
-                                     at::cuda::getCurrentCUDAStream()));
+                                     cuda_dtype(residual), s, current_num_sms(),
+                                     current_supports_programmatic_launch(), at::cuda::getCurrentCUDAStream()));
   return true;
 }
 

@@ -422,12 +422,15 @@ def make_dataloader(dataset, batch_size, num_workers=0, seed=0, epoch=0, start_b
         a DataLoader yielding `collate` dicts. ``len(loader)`` is the number of batches this
         rank still reads this epoch: ``len(dataset) // (world_size * batch_size) - start_batch``
         with ``drop_last`` (rounded up without it). Workers are not persistent: each epoch's
-        loader starts its own.
+        loader starts its own. Iterating it never draws from the global torch RNG.
     """
     sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, epoch=epoch, start_batch=start_batch,
                                 rank=rank, world_size=world_size, drop_last=drop_last, shuffle=shuffle)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    # Its own generator: starting an iterator draws the workers' base seed, which would otherwise
+    # come from (and advance) the global torch RNG that a resumed run restores before its loader.
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch * 7919 + rank)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn if collate_fn is not None else dataset.collate,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=False, generator=generator)

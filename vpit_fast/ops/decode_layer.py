@@ -3,7 +3,7 @@ matrix-vector products of one new token per row with their neighbouring elementw
 
 A decode step reads every weight once and does little else, so its time is launches and memory
 bandwidth. transformers' layer runs about fifteen kernels per layer per step (norms, three
-projections, RoPE, cache writes, MLP halves, residual adds); the CUDA kernels here make it five
+projections, RoPE, cache writes, MLP halves, residual adds); the CUDA kernels here make it four
 plus attention (csrc/cuda/decode_layer.cu)::
 
     q = decode_qkv_rope(x, ...)          # RMSNorm, q/k/v, RoPE; k and v into the cache slot
