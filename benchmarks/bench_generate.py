@@ -156,7 +156,7 @@ IMPLS = ["ours_cuda_graph", "ours_compiled", "ours_eager", "ours_cuda_graph_hf_l
          "transformers_cache", "official_no_cache", "official_no_cache_cudnn"]
 # Only at batch 1: the cuDNN variant of the official loop (about 40 s a run at batch 16), and ours
 # with transformers' decoder layers instead of the fused ones ("_hf_layers"; at batch 16, 16 rows
-# are past vpit_fast.fused_decode.MAX_ROWS, so ours runs transformers' layers anyway).
+# are past vpit_fast.fused_decode.AUTO_MAX_ROWS, so ours runs transformers' layers anyway).
 BATCH_1_ONLY = ("official_no_cache_cudnn", "ours_cuda_graph_hf_layers", "ours_compiled_hf_layers")
 CASES = [(batch, impl) for batch in BATCHES for impl in IMPLS if batch == 1 or impl not in BATCH_1_ONLY]
 

@@ -13,7 +13,15 @@ import torch
 
 from vpit_fast.ops.decode_layer import MAX_ROWS
 
-__all__ = ["FusedDecodeLayers", "MAX_ROWS", "unsupported_reason"]
+__all__ = ["AUTO_MAX_ROWS", "FusedDecodeLayers", "MAX_ROWS", "unsupported_reason"]
+
+# Rows up to which `generate(fused_layers="auto")` takes the fused layers on CUDA: what was measured
+# faster. H100, LLaMA-3.2-1B, bf16: at 1 row a decode step took 1.64 ms against 2.82 ms with
+# transformers' layers (CUDA graph; 1.61 against 1.87 ms compiled). At 4 rows the fused kernels
+# took 118-150 us a layer against 61-72 us at 1 row (benchmarks/RESULTS.md), and no comparison with
+# transformers' layers at 2-8 rows has been made, so those run transformers' layers unless
+# ``fused_layers=True`` asks (the ops take up to MAX_ROWS rows).
+AUTO_MAX_ROWS = 1
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 # RoPE types whose frequencies are fixed at load time (dynamic types change them per sequence).

@@ -27,7 +27,7 @@ How it runs (`generate`):
   ``stop_check_interval`` steps whether all rows have finished. The step's attention is
   `decode_attention` (grouped query heads packed onto their KV head, no copy of the cache); the
   prefill uses the model's own implementation. For LLaMA-family LLMs with at most
-  `vpit_fast.fused_decode.MAX_ROWS` rows on CUDA (any number on the CPU) the step's decoder layers
+  `vpit_fast.fused_decode.AUTO_MAX_ROWS` rows on CUDA (any number on the CPU) the step's decoder layers
   are `vpit_fast.fused_decode.FusedDecodeLayers` (four fused ops plus attention per layer over
   the model's own weights and cache) instead of transformers' layers (``fused_layers``). With ``compile_step=True`` the step's model work
   (LLM forward, heads, greedy choice) is compiled with ``torch.compile`` (inductor, fixed shapes)
@@ -715,7 +715,7 @@ class StaticDecoder:
 
 def _fused_layers(llm, cache, rows, device, option):
     """The `FusedDecodeLayers` the step runs (see `generate`'s ``fused_layers``), or None."""
-    from vpit_fast.fused_decode import MAX_ROWS, FusedDecodeLayers, unsupported_reason
+    from vpit_fast.fused_decode import AUTO_MAX_ROWS, FusedDecodeLayers, unsupported_reason
 
     if option is False:
         return None
@@ -728,9 +728,8 @@ def _fused_layers(llm, cache, rows, device, option):
         if reason is not None:
             raise ValueError(f"fused_layers=True, but the fused decode layers cannot run this model: {reason}")
         return FusedDecodeLayers(llm, cache)
-    # auto: past MAX_ROWS rows the ops fall back to ATen per op, slower on CUDA than transformers'
-    # compiled layers; on the CPU both are ATen.
-    if reason is not None or (device.type == "cuda" and rows > MAX_ROWS):
+    # auto: on CUDA only where measured faster (AUTO_MAX_ROWS says); on the CPU both are ATen ops.
+    if reason is not None or (device.type == "cuda" and rows > AUTO_MAX_ROWS):
         return None
     return FusedDecodeLayers(llm, cache)
 
@@ -877,7 +876,7 @@ def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=
         fused_layers: run the decode step's decoder layers through `vpit_fast.fused_decode`
             (four fused ops plus attention per layer, the same weights and cache) instead of
             transformers' layers. ``"auto"``: when the LLM is LLaMA-family and, on CUDA, the
-            step has at most `vpit_fast.fused_decode.MAX_ROWS` rows (batch, doubled with
+            step has at most `vpit_fast.fused_decode.AUTO_MAX_ROWS` rows (batch, doubled with
             guidance); True: always (an error names what the model lacks); False: never.
         stop_check_interval: steps between host checks that every sequence has finished.
 
