@@ -41,9 +41,9 @@ class Net(nn.Module):
         return self.out(self.drop(torch.relu(self.norm(self.inp(x)))))
 
 
-def build(init_seed, device="cpu"):
+def build(init_seed, device="cpu", dtype=torch.float32):
     torch.manual_seed(init_seed)
-    model = Net().to(device)
+    model = Net().to(device, dtype)  # bf16: MasterWeightAdamW, whose fp32 masters must resume too
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1)
     scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=TOTAL_STEPS, decay="cosine",
                                 min_lr_ratio=0.1)
@@ -60,7 +60,8 @@ def train(model, optimizer, scheduler, start, stop, rank=0):
     state matters too."""
     losses = []
     for step in range(start, stop):
-        x, y = batch(step, rank, next(model.parameters()).device)
+        param = next(model.parameters())
+        x, y = (t.to(param.dtype) for t in batch(step, rank, param.device))
         loss = nn.functional.mse_loss(model(x), y) * (1.0 + random.random())
         loss.backward()
         optimizer.step()
@@ -70,17 +71,20 @@ def train(model, optimizer, scheduler, start, stop, rank=0):
     return losses
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_resume_continues_bit_exactly(tmp_path, device):
+def test_resume_continues_bit_exactly(tmp_path, device, dtype):
     torch.manual_seed(7)  # seeds the CUDA generators too: dropout on a GPU draws from them
     random.seed(7)
-    model, optimizer, scheduler = build(0, device)
+    model, optimizer, scheduler = build(0, device, dtype)
     uninterrupted = train(model, optimizer, scheduler, 0, TOTAL_STEPS)
 
     torch.manual_seed(7)
     random.seed(7)
-    model, optimizer, scheduler = build(0, device)
-    if device == "cuda":
+    model, optimizer, scheduler = build(0, device, dtype)
+    if dtype == torch.bfloat16:
+        assert optimizer.implementation.startswith("vpit_fast.MasterWeightAdamW")
+    elif device == "cuda":
         assert optimizer.implementation in ("apex.FusedAdam", "torch.AdamW(fused)")
     first = train(model, optimizer, scheduler, 0, STOP_AT)
     path = save_checkpoint(tmp_path, STOP_AT, model, optimizer, scheduler,
@@ -90,10 +94,12 @@ def test_resume_continues_bit_exactly(tmp_path, device):
 
     torch.manual_seed(12345)  # everything different before the resume
     random.seed(12345)
-    model, optimizer, scheduler = build(99, device)
+    model, optimizer, scheduler = build(99, device, dtype)
     extra = load_checkpoint(latest_checkpoint(tmp_path), model, optimizer, scheduler)
     assert extra == {"data_position": STOP_AT, "losses": first, "config": {"lr": 1e-2}}
     assert scheduler.last_epoch == STOP_AT
+    if dtype == torch.bfloat16:  # the masters came back in fp32, not as their bf16 rounding
+        assert all(s["master"].dtype == torch.float32 for s in optimizer.state.values())
     resumed = train(model, optimizer, scheduler, extra["data_position"], TOTAL_STEPS)
     assert first + resumed == uninterrupted  # float equality: bit for bit
 

@@ -180,3 +180,28 @@ def test_condition_dropout_and_target_noise_reach_the_run(tmp_path):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             config(tmp_path, bad)
 
+
+
+def test_one_gpu_export_writes_the_fp32_master_weights(tmp_path):
+    """vpit-train on one GPU trains bf16 parameters with fp32 masters: the export must carry the
+    masters (not their bf16 rounding), through the plain-model path, on any device."""
+    from vpit_fast.train.master_adamw import MasterWeightAdamW
+    from vpit_fast.train.optim import build_optimizer
+    from vpit_fast.train.parallel import Runtime
+
+    model = loop.build_model(config(tmp_path)).to(torch.bfloat16)
+    optimizer = build_optimizer(model, 1e-3)
+    assert isinstance(optimizer, MasterWeightAdamW)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    runtime = Runtime(0, 1, 0, torch.device("cpu"), distributed=False, fsdp=False)
+    loop.export_model(model, tmp_path / "export", runtime, optimizer)
+    exported = dict(VPiTModel.from_pretrained(tmp_path / "export").named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith("visual."):
+            continue
+        master = optimizer.master_of(p)
+        assert exported[name].dtype == torch.float32, name
+        assert torch.equal(exported[name], master), name
+        assert not torch.equal(master, p.detach().float()), name  # rounding happened: the test can fail

@@ -16,6 +16,7 @@ packing, the accumulation or the number of GPUs.
 """
 
 import argparse
+import copy
 import math
 import os
 import signal
@@ -291,7 +292,7 @@ def train(config):
 
     # ---- set-up ------------------------------------------------------------------------------
     out_dir = Path(config.out_dir)
-    runtime = setup_runtime(config.device, store_dir=out_dir)
+    runtime = setup_runtime(config.device)
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, out_dir / "config.yaml")
@@ -323,6 +324,10 @@ def train(config):
         if model.visual is not None:
             model.visual.to(torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32)
         apply_fsdp(model, param_dtype=getattr(torch, config.model.dtype))
+    elif runtime.device.type == "cuda":
+        # One GPU: no FSDP. The model computes in model.dtype; with bf16 the optimizer keeps the
+        # fp32 master weights (`MasterWeightAdamW`), as FSDP2's mixed precision does per rank.
+        model.to(runtime.device, dtype=getattr(torch, config.model.dtype))
     model.train()
     torch.manual_seed(config.seed + runtime.rank)  # from here on, ranks draw different randomness
 
@@ -420,7 +425,9 @@ def train(config):
     # ---- the end: export, evaluation, plot ---------------------------------------------------
     export_dir = out_dir / "export"
     model.visual = encoder
-    export_model(model, export_dir, runtime)
+    export_model(model, export_dir, runtime, optimizer)
+    if encoder is not None and not runtime.fsdp and runtime.device.type == "cuda":  # evaluation runs on `model`
+        model.visual = encoder.to(runtime.device, getattr(torch, config.model.dtype))
     results = {"step": step, "out_dir": str(out_dir), "export": str(export_dir)}
     if config.evaluate and eval_set is not None:
         results.update(evaluate(model, eval_set, eval_records, config, runtime))
@@ -436,17 +443,28 @@ def train(config):
     return results
 
 
-def export_model(model, export_dir, runtime):
-    """`VPiTModel.save_pretrained` of the trained model (full weights gathered to rank 0 under
-    FSDP2), loadable with `VPiTModel.from_pretrained`."""
+def export_model(model, export_dir, runtime, optimizer=None):
+    """`VPiTModel.save_pretrained` of the trained model in fp32, loadable with
+    `VPiTModel.from_pretrained`: the full weights gathered to rank 0 under FSDP2; on one GPU the
+    optimizer's fp32 master weights (`MasterWeightAdamW`) where it has them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not runtime.fsdp:
+    masters = {}
+    if optimizer is not None and hasattr(optimizer, "master_of"):
+        # every name of a shared (tied) parameter, so each state-dict key gets the master
+        masters = {name: optimizer.master_of(p) for name, p in model.named_parameters(remove_duplicate=False)}
+    wrapped = any("_orig_mod." in n or "_checkpoint_wrapped_module." in n for n, _ in model.named_parameters())
+    if not runtime.fsdp and not wrapped and all(m is None for m in masters.values()) and \
+            all(p.dtype == torch.float32 for p in model.parameters()):
         if runtime.is_main:
             model.save_pretrained(export_dir)
         return
     visual, model.visual = model.visual, None
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if runtime.fsdp:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state.update({k: m.detach().to("cpu", copy=True) for k, m in masters.items() if m is not None})
     model.visual = visual
     if runtime.is_main:
         from transformers import AutoModelForCausalLM
@@ -455,16 +473,19 @@ def export_model(model, export_dir, runtime):
 
         # A plain CPU model of the same structure carries the gathered weights into save_pretrained;
         # activation-checkpoint and compile wrappers add name parts that the plain model lacks.
-        state = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in state.items()}
+        state = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v.float()
+                 for k, v in state.items()}
         plain = VPiTModel(AutoModelForCausalLM.from_config(model.llm.config, dtype=torch.float32),
-                          model.tokenizer, model.config, visual.to("cpu", torch.float32) if visual else None)
+                          model.tokenizer, model.config,
+                          copy.deepcopy(visual).to("cpu", torch.float32) if visual else None)
         missing, unexpected = plain.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("visual.")]
         if missing or unexpected:
             raise RuntimeError(f"export: the gathered weights do not fit the model (missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]})")
         plain.save_pretrained(export_dir)
-    dist.barrier()
+    if runtime.distributed:
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------

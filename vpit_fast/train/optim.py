@@ -7,6 +7,8 @@ none is an FSDP2 DTensor (apex's multi-tensor kernels read raw storage, which a 
 does not have); else ``torch.optim.AdamW(fused=True)`` when every parameter is on a GPU (it accepts
 DTensors); else ``torch.optim.AdamW(foreach=True)``. The registry package named ``apex`` is an
 unrelated web toolkit: it is detected as absent because it has no ``apex.optimizers.FusedAdam``.
+Plain (not FSDP-sharded) bf16 / fp16 parameters, the one-GPU path, always get
+`vpit_fast.train.master_adamw.MasterWeightAdamW`: AdamW on fp32 master weights (fused on CUDA).
 """
 
 import importlib
@@ -14,6 +16,8 @@ import importlib.util
 import math
 
 import torch
+
+from vpit_fast.train.master_adamw import LOW_PRECISION, MasterWeightAdamW
 
 try:
     from torch.distributed.tensor import DTensor
@@ -74,8 +78,10 @@ def build_optimizer(model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fu
     fused: "auto" (see the module docstring), "apex" (apex FusedAdam; ImportError when missing,
         ValueError for CPU or DTensor parameters), "torch" (``AdamW(fused=True)``, any device) or
         "foreach" (``AdamW(foreach=True)``).
+    Plain bf16 / fp16 parameters get `MasterWeightAdamW` whatever ``fused`` says (fused on CUDA
+    unless ``fused="foreach"``).
     Returns the optimizer with an ``implementation`` attribute: "apex.FusedAdam",
-    "torch.AdamW(fused)" or "torch.AdamW(foreach)".
+    "torch.AdamW(fused)", "torch.AdamW(foreach)" or "vpit_fast.MasterWeightAdamW(...)".
     """
     if fused not in OPTIMIZER_IMPLS:
         raise ValueError(f"fused must be one of {OPTIMIZER_IMPLS}, got {fused!r}")
@@ -90,10 +96,13 @@ def build_optimizer(model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fu
     all_cuda = all(p.device.type == "cuda" for p in params)
     any_dtensor = any(isinstance(p, DTensor) for p in params) if DTensor else False
     fused_adam = apex_fused_adam()
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps)
+    if any(p.dtype in LOW_PRECISION for p in params) and not any_dtensor:
+        # Updating bf16 weights in place would lose every step smaller than their rounding.
+        return MasterWeightAdamW(groups, fused=all_cuda and fused != "foreach", **kwargs)
 
     if fused == "auto":
         fused = "apex" if fused_adam and all_cuda and not any_dtensor else "torch" if all_cuda else "foreach"
-    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps)
     if fused == "apex":
         if fused_adam is None:
             raise ImportError("fused='apex' needs NVIDIA apex built with its CUDA extensions "

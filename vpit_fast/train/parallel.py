@@ -5,7 +5,10 @@ the rest (embeddings, adapter) in the root unit.
 FSDP2 (``torch.distributed.fsdp.fully_shard``) is ZeRO-3: parameters, gradients and optimizer
 state are sharded over the ranks; each unit's parameters are gathered for its forward and
 backward only. Parameters compute in bf16, gradients are reduced in fp32, the sharded master
-copy and the optimizer state stay fp32. A single GPU runs the same code as a one-rank group.
+copy and the optimizer state stay fp32. A single GPU runs without FSDP (no process group): the
+model computes in its bf16 parameters and `vpit_fast.train.master_adamw.MasterWeightAdamW` keeps
+the fp32 masters, which skips the copies FSDP's all-gather and reduce-scatter make even on one
+rank (measured: 1B VPiT step 184 -> 123 ms compiled, benchmarks/RESULTS.md).
 """
 
 import os
@@ -34,10 +37,9 @@ class Runtime:
         return self.rank == 0
 
 
-def setup_runtime(device="auto", store_dir=None):
-    """Initialises the process group when launched by torchrun (``WORLD_SIZE`` set), or a one-rank
-    group for a single GPU (so FSDP2's mixed precision applies there too; the group's rendezvous
-    file lives in ``store_dir``). ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or
+def setup_runtime(device="auto"):
+    """Initialises the process group when launched by torchrun (``WORLD_SIZE`` > 1); one process
+    (CPU or one GPU) runs without one. ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or
     ``"cuda"``."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f'device must be "auto", "cpu" or "cuda", got {device!r}')
@@ -54,18 +56,9 @@ def setup_runtime(device="auto", store_dir=None):
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    backend = "nccl" if use_cuda else "gloo"
-    distributed = world_size > 1 or use_cuda
+    distributed = world_size > 1
     if distributed and not dist.is_initialized():
-        if world_size > 1:
-            dist.init_process_group(backend, device_id=dev if use_cuda else None)
-        else:
-            os.makedirs(store_dir, exist_ok=True)
-            path = os.path.join(store_dir, ".rendezvous")
-            if os.path.exists(path):  # left by an earlier run in this folder that did not exit cleanly
-                os.remove(path)
-            store = dist.FileStore(path, 1)
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, device_id=dev)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Runtime(rank, world_size, local_rank, dev, distributed, fsdp=distributed)
 
 
