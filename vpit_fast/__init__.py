@@ -6,6 +6,7 @@ Public API:
     head_loss           -- fused LM head + CE on text rows and vision head + cosine on visual rows
     VPiTHeads           -- the module owning both heads, computing head_loss in its forward
     HeadLoss            -- what head_loss returns
+    MasterWeightAdamW   -- AdamW for bf16/fp16 parameters keeping fp32 master weights
     build_info          -- what the compiled extension was built with
     VPiTModel, VPiTConfig -- the model on Hugging Face LLMs (imported on first use: transformers)
 """
@@ -18,8 +19,9 @@ from vpit_fast.ops.decode_attention import decode_attention
 from vpit_fast.ops.head_loss import head_loss
 from vpit_fast.ops.interpolate_tokens import interpolate_tokens
 from vpit_fast.ops.types import HeadLoss
+from vpit_fast.train.master_adamw import MasterWeightAdamW
 
-__all__ = ["__version__", "HeadLoss", "VPiTConfig", "VPiTHeads", "VPiTModel", "build_info", "decode_attention", "head_loss",
+__all__ = ["__version__", "HeadLoss", "MasterWeightAdamW", "VPiTConfig", "VPiTHeads", "VPiTModel", "build_info", "decode_attention", "head_loss",
            "interpolate_tokens"]
 
 
