@@ -73,6 +73,7 @@ def main():
     for scale in [None, *args.cfg]:
         t0 = time.time()
         right = {"kind": 0, "color": 0, "kind_color": 0, "all": 0, "with_image": 0}
+        confusion = {asked: {got: 0 for got in SHAPES} for asked in SHAPES}  # asked kind -> retrieved kinds
         generated = []
         for start in range(0, len(items), 16):
             chunk = items[start:start + 16]
@@ -87,12 +88,14 @@ def main():
                 generated.append(out.visual_tokens[0].float())
                 got = shapes_of[int((pool * g).sum(-1).mean(-1).argmax())]
                 k, c = got.kind == shape.kind, got.color == shape.color
+                confusion[shape.kind][got.kind] += 1
                 right["kind"] += k
                 right["color"] += c
                 right["kind_color"] += k and c
                 right["all"] += k and c and got.size == shape.size and got.position == shape.position
         res = {name: v / len(items) for name, v in right.items()}
         res["chance"] = {"kind": 1 / 4, "color": 1 / 6, "kind_color": 1 / 24, "all": 1 / 240}
+        res["kind_confusion"] = confusion
         if visualizer is not None and args.pipeline:
             from vpit_fast.visualizer.check import check_picture
             m = min(args.pipeline, len(items))

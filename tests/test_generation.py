@@ -374,3 +374,20 @@ def test_cuda_graph_decode_equals_eager_decode():
     guided = generate(model, **batch, max_new_tokens=72, cfg_scale=2.0)
     assert_same(generate(model, **batch, max_new_tokens=72, cfg_scale=2.0, cuda_graph=True), guided)
     assert_same(generate_uncached(model, **batch, max_new_tokens=72), eager)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_graph_prefill_is_captured_and_replayed_per_prompt_length():
+    from vpit_fast.generation import _DECODERS
+
+    model = tiny_model(normalize=True, device="cuda")
+    batch = mixed_batch(model)
+    eager = generate(model, **batch, max_new_tokens=72)
+    assert_same(generate(model, **batch, max_new_tokens=72, cuda_graph=True), eager)
+    decoder = _DECODERS[model]
+    assert decoder.prefill_graphs and all(g is not None for g in decoder.prefill_graphs.values())
+    # Other prompts of the same padded length replay the captured prefill with their own inputs.
+    other = {key: list(reversed(value)) for key, value in batch.items()}
+    assert_same(generate(model, **other, max_new_tokens=72, cuda_graph=True), generate(model, **other, max_new_tokens=72))
+    assert len(decoder.prefill_graphs) == 1 and _DECODERS[model] is decoder

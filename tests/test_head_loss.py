@@ -19,6 +19,9 @@ from vpit_fast.ops.types import HeadLoss
 from conftest import DEVICES, SLACK, poison, rel_error, requires_cuda
 
 IMPL = os.environ.get("VPIT_HEAD_LOSS_IMPL", "auto")
+# VPIT_TEST_FLOAT64_ON_CPU=1 computes the float64 reference on the CPU: under compute-sanitizer
+# its float64 GEMMs on the GPU would be checked too, and take most of the run.
+FLOAT64_DEVICE = "cpu" if os.environ.get("VPIT_TEST_FLOAT64_ON_CPU") == "1" else None
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
 # The backward pass is driven by loss * GRAD_SCALE so a dropped upstream gradient shows up.
@@ -135,7 +138,10 @@ def check_against_float64(case, dtype, device, max_chunk_bytes="small", freeze_l
     if max_chunk_bytes == "small":
         max_chunk_bytes = chunk_bytes(case.vocab)
     kwargs["freeze_lm_head"] = freeze_lm_head
-    ref, ref_grads = run(reference.head_loss, case, torch.float64, device, **kwargs)
+    ref, ref_grads = run(reference.head_loss, case, torch.float64, FLOAT64_DEVICE or device, **kwargs)
+    if FLOAT64_DEVICE:
+        ref = HeadLoss(*(t.to(device) for t in ref))
+        ref_grads = {name: g.to(device) for name, g in ref_grads.items()}
     plain, plain_grads = run(reference.head_loss, case, dtype, device, **kwargs)
     poison(device)
     ours, grads = run(head_loss, case, dtype, device, max_chunk_bytes=max_chunk_bytes, **kwargs)

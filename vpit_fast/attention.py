@@ -160,18 +160,25 @@ def _run_sdpa_per_segment(q, k, v, cu, scale, dropout, sliding_window):
         raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {total}, got {bounds}")
     if k.shape[1] != q.shape[1]:
         k, v = _repeat_kv_heads(k, v, q.shape[1])
+    # One split per tensor, not a slice per segment: a slice's backward writes its gradient into
+    # a zero tensor as large as the whole input, once per segment; the split's backward is one
+    # concatenation (measured on the CPU: 4.7 -> 3.6 ms for a 1024-token row of 8 segments).
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        length = qs.shape[0]
+        if length == 0:
             continue
         # [1, H, L, D], the layout transformers' sdpa path uses, so the same CPU kernels run
-        qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs))
         mask = None
-        if sliding_window is not None and end - start > sliding_window:
-            mask = _sliding_window_causal_mask(end - start, sliding_window, q.device)
+        if sliding_window is not None and length > sliding_window:
+            mask = _sliding_window_causal_mask(length, sliding_window, q.device)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout,
                                            is_causal=mask is None, scale=scale)
         outs.append(o[0].transpose(0, 1))
+    if not outs:  # no tokens at all
+        return q.new_empty(q.shape)
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

@@ -66,6 +66,7 @@ Public API:
 """
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -572,6 +573,7 @@ class StaticDecoder:
         pad_id = model.tokenizer.pad_token_id
         self.pad_id = eos_ids[0] if pad_id is None else pad_id
         self.graph = None
+        self.prefill_graphs = {}  # prompt length -> (graph, input buffers), or None: not capturable
         # Random draws stay eager: dynamo cannot trace a torch.Generator, and the compiled draw
         # would come from another random stream than the eager step's.
         self.sample_in_step = not compile_step or sampling.temperature == 0
@@ -600,7 +602,10 @@ class StaticDecoder:
 
     @torch.no_grad()
     def prefill(self, embeds, valid, positions, mode, images_left):
-        """Runs the prompts and emits the first token.
+        """Runs the prompts and emits the first token. With ``cuda_graph`` the prefill of each
+        prompt length is captured too (on its first use) and replayed: an eager prefill of a
+        1B model is bound by launching transformers' kernels (32 ms for 13.5 ms of GPU work at
+        2048 tokens, benchmarks/RESULTS.md).
 
         embeds: ``[R, T, H]``; valid: ``[R, T]`` bool (left padding False); positions: ``[R, T]``
         int64; mode, images_left: ``[B]`` int64 initial state. Returns None.
@@ -610,6 +615,24 @@ class StaticDecoder:
             raise ValueError(f"this decoder holds {self.rows} rows of {self.cache_len} slots; got {R} prompts of "
                              f"{T} tokens for {self.sampling.max_new_tokens} new tokens")
         self.reset()
+        inputs = (embeds, valid, positions, mode, images_left)
+        if self.graph is None:
+            self._prefill(*inputs)
+            return
+        if T not in self.prefill_graphs:
+            self.prefill_graphs[T] = self._capture_prefill(inputs)
+        captured = self.prefill_graphs[T]
+        if captured is None:  # the capture failed once: this length runs eagerly
+            self._prefill(*inputs)
+            return
+        graph, buffers = captured
+        for buffer, value in zip(buffers, inputs):
+            buffer.copy_(value)
+        graph.replay()
+
+    def _prefill(self, embeds, valid, positions, mode, images_left):
+        """What `prefill` runs (and captures) on a reset state."""
+        T = embeds.shape[1]
         self.key_valid[:, :T] = valid
         query = torch.arange(T, device=embeds.device)[:, None]
         key = torch.arange(self.cache_len, device=embeds.device)[None, :]
@@ -711,6 +734,28 @@ class StaticDecoder:
                 self._step()
             self.graph = graph
             self.reset()
+
+    def _capture_prefill(self, inputs):
+        """(graph, static input buffers) of the prefill at these inputs' shapes, warmed up on a side
+        stream, or None when the capture fails (a model whose forward syncs with the host): that
+        prompt length then runs eagerly, with a warning. Leaves the state reset."""
+        buffers = tuple(value.clone() for value in inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._prefill(*buffers)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.reset()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._prefill(*buffers)
+        except RuntimeError as error:
+            warnings.warn(f"generate(cuda_graph=True): the prefill of {inputs[0].shape[1]} tokens could not be "
+                          f"captured in a CUDA graph ({error}); it runs eagerly", RuntimeWarning, stacklevel=4)
+            graph = None
+        self.reset()
+        return None if graph is None else (graph, buffers)
 
 
 def _fused_layers(llm, cache, rows, device, option):

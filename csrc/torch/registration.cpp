@@ -7,6 +7,7 @@
 #include "decode_layer.h"
 #include "head_loss.h"
 #include "interpolate_tokens.h"
+#include "master_adamw.h"
 #include "scale_inplace.h"
 
 TORCH_LIBRARY(vpit_fast, m) {
@@ -34,6 +35,9 @@ TORCH_LIBRARY(vpit_fast, m) {
   m.def("decode_gate_up(Tensor hidden, Tensor norm_weight, float eps, Tensor w_gate, Tensor w_up, "
         "Tensor? b_gate, Tensor? b_up) -> Tensor");
   m.def("decode_proj_add_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  m.def("master_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] exp_avgs, "
+        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
@@ -47,6 +51,7 @@ TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("decode_qkv_rope", &vpit::decode_qkv_rope);
   m.impl("decode_gate_up", &vpit::decode_gate_up);
   m.impl("decode_proj_add_", &vpit::decode_proj_add_);
+  m.impl("master_adamw_", &vpit::master_adamw_cpu);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
@@ -62,5 +67,6 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("decode_qkv_rope", &vpit::decode_qkv_rope);
   m.impl("decode_gate_up", &vpit::decode_gate_up);
   m.impl("decode_proj_add_", &vpit::decode_proj_add_);
+  m.impl("master_adamw_", &vpit::master_adamw_cuda);
 }
 #endif
