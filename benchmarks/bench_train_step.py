@@ -141,7 +141,8 @@ def test_ours(benchmark, setup, compiled, rows, adamw):
         from vpit_fast.train.parallel import apply_compile
 
         apply_compile(model)
-    # What build_optimizer gives bf16 parameters: fp32 masters; "torch" is the pre-kernel update
+    # fp32 masters as build_optimizer gives bf16 parameters; "vpit" is the fused kernel, "torch"
+    # torch's fused AdamW between casts
     optimizer = MasterWeightAdamW(param_groups(model, 0.0), lr=1e-5, betas=(0.9, 0.95), impl=adamw)
     packed = pack(samples, BUDGET, pad_id=0)
     assert len(packed) == rows, f"{len(packed)} rows"

@@ -736,8 +736,9 @@ class StaticDecoder:
             self.reset()
 
     def _capture_prefill(self, inputs):
-        """(graph, static input buffers) of the prefill at these inputs' shapes, warmed up on a side
-        stream, or None when the capture fails (a model whose forward syncs with the host): that
+        """(graph, static input buffers) of the prefill at these inputs' shapes, or None when it
+        cannot be captured (a model whose forward syncs with the host) or its replay does not
+        reproduce the eager prefill it was warmed up with (state, first tokens, KV cache): that
         prompt length then runs eagerly, with a warning. Leaves the state reset."""
         buffers = tuple(value.clone() for value in inputs)
         stream = torch.cuda.Stream()
@@ -745,17 +746,40 @@ class StaticDecoder:
         with torch.cuda.stream(stream):
             self._prefill(*buffers)
         torch.cuda.current_stream().wait_stream(stream)
+        eager = [t.clone() for t in self._prefill_state()]
         self.reset()
         graph = torch.cuda.CUDAGraph()
+        problem = None
         try:
             with torch.cuda.graph(graph):
                 self._prefill(*buffers)
         except RuntimeError as error:
-            warnings.warn(f"generate(cuda_graph=True): the prefill of {inputs[0].shape[1]} tokens could not be "
-                          f"captured in a CUDA graph ({error}); it runs eagerly", RuntimeWarning, stacklevel=4)
-            graph = None
+            problem = f"it could not be captured ({error})"
+        if problem is None:
+            self.reset()
+            graph.replay()
+            if not all(_same(a, b) for a, b in zip(eager, self._prefill_state())):
+                problem = "its replay differed from the eager prefill"
         self.reset()
-        return None if graph is None else (graph, buffers)
+        if problem is not None:
+            warnings.warn(f"generate(cuda_graph=True): the prefill of {inputs[0].shape[1]} tokens runs eagerly: "
+                          f"{problem}", RuntimeWarning, stacklevel=4)
+            return None
+        return graph, buffers
+
+    def _prefill_state(self):
+        """Everything a prefill writes: the decode state, the first outputs and the KV cache."""
+        cache = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+        return [self.embeds, self.positions, self.key_valid, self.cursor, self.generated, self.mode, self.visual_count,
+                self.images_left, self.out_ids[:, :1], self.out_visual[:, :1], *cache]
+
+
+def _same(a, b):
+    """Equal integer / bool tensors; floating tensors equal up to rounding (a replayed graph runs
+    the same kernels, but a library may pick another algorithm under capture)."""
+    if a.is_floating_point():
+        return torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3)
+    return torch.equal(a, b)
 
 
 def _fused_layers(llm, cache, rows, device, option):

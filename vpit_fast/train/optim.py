@@ -8,7 +8,7 @@ does not have); else ``torch.optim.AdamW(fused=True)`` when every parameter is o
 DTensors); else ``torch.optim.AdamW(foreach=True)``. The registry package named ``apex`` is an
 unrelated web toolkit: it is detected as absent because it has no ``apex.optimizers.FusedAdam``.
 Plain (not FSDP-sharded) bf16 / fp16 parameters, the one-GPU path, always get
-`vpit_fast.train.master_adamw.MasterWeightAdamW`: AdamW on fp32 master weights (one fused pass).
+`vpit_fast.train.master_adamw.MasterWeightAdamW`: AdamW on fp32 master weights.
 """
 
 import importlib
@@ -78,8 +78,8 @@ def build_optimizer(model, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fu
     fused: "auto" (see the module docstring), "apex" (apex FusedAdam; ImportError when missing,
         ValueError for CPU or DTensor parameters), "torch" (``AdamW(fused=True)``, any device) or
         "foreach" (``AdamW(foreach=True)``).
-    Plain bf16 / fp16 parameters get `MasterWeightAdamW` whatever ``fused`` says (its fused
-    vpit_fast kernel unless ``fused="foreach"``, which takes torch's AdamW between casts).
+    Plain bf16 / fp16 parameters get `MasterWeightAdamW` whatever ``fused`` says (its ``"auto"``
+    implementation, or torch's AdamW between casts with ``fused="foreach"``).
     Returns the optimizer with an ``implementation`` attribute: "apex.FusedAdam",
     "torch.AdamW(fused)", "torch.AdamW(foreach)" or "vpit_fast.MasterWeightAdamW(...)".
     """
