@@ -521,7 +521,8 @@ class StaticDecoder:
     ``cache_len`` slots for ``rows`` sequences (``rows = 2 * batch_size`` with guidance), static
     input / state / output buffers, and the decode step, optionally captured in a CUDA graph.
 
-    Use: `prefill` (eager, any prompt length up to ``cache_len - max_new_tokens``), then `step`
+    Use: `prefill` (any prompt length up to ``cache_len - max_new_tokens``; with ``cuda_graph``
+    each length's prefill is captured on first use, see `prefill`), then `step`
     up to ``max_new_tokens - 1`` times; results are in ``out_ids`` ``[B, max_new_tokens]`` and
     ``out_visual`` ``[B, max_new_tokens, Dv]``. `prefill` resets the state, so a decoder (and its
     graph) serves any number of batches of the same shape. ``compile_step=True`` compiles the
