@@ -723,12 +723,7 @@ class StaticDecoder:
     def _capture(self):
         """Warms the step up on a side stream (cuBLAS handles, allocator), captures it, resets."""
         with torch.no_grad():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(stream)
+            _on_side_stream(lambda: [self._step() for _ in range(2)])
             self.reset()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -742,11 +737,7 @@ class StaticDecoder:
         reproduce the eager prefill it was warmed up with (state, first tokens, KV cache): that
         prompt length then runs eagerly, with a warning. Leaves the state reset."""
         buffers = tuple(value.clone() for value in inputs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._prefill(*buffers)
-        torch.cuda.current_stream().wait_stream(stream)
+        _on_side_stream(lambda: self._prefill(*buffers))
         eager = [t.clone() for t in self._prefill_state()]
         self.reset()
         graph = torch.cuda.CUDAGraph()
@@ -773,6 +764,16 @@ class StaticDecoder:
         cache = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
         return [self.embeds, self.positions, self.key_valid, self.cursor, self.generated, self.mode, self.visual_count,
                 self.images_left, self.out_ids[:, :1], self.out_visual[:, :1], *cache]
+
+
+def _on_side_stream(fn):
+    """Runs fn on a fresh side stream, ordered after and before the current stream's work: the
+    warm-up before a CUDA-graph capture (cuBLAS handles and workspaces, allocator blocks)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 def _same(a, b):

@@ -18,12 +18,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPack = 4;
 
-__device__ __forceinline__ bool aligned(const void* p, int bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 struct TensorBatch {
   MasterAdamWTensor t[kMasterAdamWTensorsPerLaunch];
+  bool packed[kMasterAdamWTensorsPerLaunch];  // every address aligned for packs (tested on the host)
   int count;
 };
 
@@ -58,9 +55,7 @@ __global__ void __launch_bounds__(kThreads) master_adamw_kernel(TensorBatch batc
     const StepScalars s = step_scalars(h, *t.step);
     T* param = static_cast<T*>(t.param);
     const T* grad = static_cast<const T*>(t.grad);
-    const bool packed = aligned(param, kPack * sizeof(T)) && aligned(grad, kPack * sizeof(T)) &&
-                        aligned(t.master, 16) && aligned(t.exp_avg, 16) && aligned(t.exp_avg_sq, 16);
-    const int64_t packs = packed ? t.numel / kPack : 0;
+    const int64_t packs = batch.packed[i] ? t.numel / kPack : 0;
     for (int64_t p = first; p < packs; p += stride) {
       const int64_t e = p * kPack;
       float g[kPack];
@@ -97,9 +92,12 @@ cudaError_t launch_all(const MasterAdamWTensor* tensors, int64_t count, const Ad
     TensorBatch batch{};
     int64_t largest = 0;
     for (; next < count && batch.count < kMasterAdamWTensorsPerLaunch; ++next) {
-      if (tensors[next].numel == 0) continue;
-      batch.t[batch.count++] = tensors[next];
-      largest = std::max(largest, tensors[next].numel);
+      const MasterAdamWTensor& t = tensors[next];
+      if (t.numel == 0) continue;
+      batch.packed[batch.count] = is_aligned(t.param, kPack * sizeof(T)) && is_aligned(t.grad, kPack * sizeof(T)) &&
+                                  is_aligned(t.master, 16) && is_aligned(t.exp_avg, 16) && is_aligned(t.exp_avg_sq, 16);
+      batch.t[batch.count++] = t;
+      largest = std::max(largest, t.numel);
     }
     if (batch.count == 0) break;
     // Enough blocks for the largest tensor's packs, at most a few waves of the GPU.

@@ -34,7 +34,7 @@ struct AdamWHyper {
   float lr, beta1, beta2, eps, weight_decay;
 };
 
-// Tensors per launch: their descriptors travel as a kernel argument (under 4 KiB).
+// Tensors per launch: their descriptors travel as a kernel argument (under 4 KiB: 57 bytes each).
 constexpr int kMasterAdamWTensorsPerLaunch = 48;
 
 // Updates `count` tensors (any number; launched in groups of kMasterAdamWTensorsPerLaunch), all
