@@ -8,7 +8,7 @@ with the training templates (`T2I_PROMPTS`, "a large red circle in the top left"
 ``--prompts short`` the README's form ("Generate an image of a red circle."). Retrieval: the
 generated tokens' nearest image (mean cosine over the 64 tokens) among ALL 240 single still shapes
 (as `vpit_fast.train.evaluate` does over its own candidates); accuracy per attribute against
-chance (kind 1/4, colour 1/6, kind+colour 1/24, all four 1/240). With ``--visualizer``, the first
+chance (kind 1/4, colour 1/6, kind+colour 1/24, all four 1/240), also by asked size. With ``--visualizer``, the first
 ``--pipeline`` prompts also go through the visualizer and `vpit_fast.visualizer.check`.
 """
 
@@ -74,6 +74,7 @@ def main():
         t0 = time.time()
         right = {"kind": 0, "color": 0, "kind_color": 0, "all": 0, "with_image": 0}
         confusion = {asked: {got: 0 for got in SHAPES} for asked in SHAPES}  # asked kind -> retrieved kinds
+        by_size = {size: {"count": 0, "kind": 0, "kind_color": 0} for size in SIZES}  # by asked size
         generated = []
         for start in range(0, len(items), 16):
             chunk = items[start:start + 16]
@@ -93,9 +94,14 @@ def main():
                 right["color"] += c
                 right["kind_color"] += k and c
                 right["all"] += k and c and got.size == shape.size and got.position == shape.position
+                by_size[shape.size]["count"] += 1
+                by_size[shape.size]["kind"] += k
+                by_size[shape.size]["kind_color"] += k and c
         res = {name: v / len(items) for name, v in right.items()}
         res["chance"] = {"kind": 1 / 4, "color": 1 / 6, "kind_color": 1 / 24, "all": 1 / 240}
         res["kind_confusion"] = confusion
+        res["by_size"] = {size: {"count": v["count"], "kind": v["kind"] / max(v["count"], 1),
+                                 "kind_color": v["kind_color"] / max(v["count"], 1)} for size, v in by_size.items()}
         if visualizer is not None and args.pipeline:
             from vpit_fast.visualizer.check import check_picture
             m = min(args.pipeline, len(items))
@@ -104,14 +110,18 @@ def main():
                                      generator=torch.Generator().manual_seed(0)) if idx else []
             pk = pc = pb = 0
             verdicts = []
+            both_by_size = {size: [0, 0] for size in SIZES}  # [right, count] by asked size
             for i, pic in zip(idx, pics):
                 shape = items[i][1]
                 seen = check_picture(pic)
                 pk += seen.kind == shape.kind
                 pc += seen.color == shape.color
                 pb += seen.shows(shape.kind, shape.color)
+                both_by_size[shape.size][0] += seen.shows(shape.kind, shape.color)
+                both_by_size[shape.size][1] += 1
                 verdicts.append((items[i][0], f"{seen.color} {seen.kind}", seen.shows(shape.kind, shape.color)))
-            res["pipeline"] = {"count": m, "kind": pk / m, "color": pc / m, "both": pb / m}
+            res["pipeline"] = {"count": m, "kind": pk / m, "color": pc / m, "both": pb / m,
+                               "both_by_size": {size: f"{r} of {n}" for size, (r, n) in both_by_size.items()}}
             res["pipeline_verdicts"] = verdicts
         res["seconds"] = round(time.time() - t0, 1)
         results[str(scale)] = res

@@ -65,6 +65,7 @@ Public API:
     release_decoders     -- frees the CUDA-graph decoders kept for a model
 """
 
+import inspect
 import math
 import warnings
 import weakref
@@ -516,6 +517,12 @@ class _Attention:
         self.config._attn_implementation = self.previous
 
 
+def _cache_keyword(base_model):
+    """The keyword the model's forward takes its KV cache by: ``cache`` from transformers 5.2x on
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(base_model.forward).parameters else "past_key_values"
+
+
 class StaticDecoder:
     """Fixed-shape decoding state of `generate` for one model: a static KV cache of
     ``cache_len`` slots for ``rows`` sequences (``rows = 2 * batch_size`` with guidance), static
@@ -547,6 +554,7 @@ class StaticDecoder:
         self.rows = batch_size * (1 if sampling.cfg_scale is None else 2)
         text = llm.config.get_text_config()
         self.cache = StaticCache(config=llm.config, max_cache_len=cache_len)
+        self.cache_kwargs = {_cache_keyword(llm.base_model): self.cache}
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise ValueError("generation supports full-attention layers only; this model has sliding-window layers "
                              f"(window {getattr(text, 'sliding_window', None)}) shorter than the cache ({cache_len})")
@@ -640,7 +648,7 @@ class StaticDecoder:
         # Causal over real tokens; a padding query sees itself, so no softmax row is empty (NaN).
         mask = ((key <= query) & self.key_valid[:, None, :]) | (key == query)
         hidden = self.model.llm.base_model(inputs_embeds=embeds, attention_mask=mask[:, None], position_ids=positions,
-                                           past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
+                                           use_cache=True, **self.cache_kwargs).last_hidden_state[:, -1]
         self.cursor.fill_(T)
         self.positions.copy_(positions[:, -1:] + 1)
         self.mode.copy_(mode)
@@ -675,7 +683,7 @@ class StaticDecoder:
         else:
             hidden = self.model.llm.base_model(
                 inputs_embeds=self.embeds, attention_mask=self.key_valid[:, None, None, :],
-                position_ids=self.positions, past_key_values=self.cache, use_cache=True).last_hidden_state[:, -1]
+                position_ids=self.positions, use_cache=True, **self.cache_kwargs).last_hidden_state[:, -1]
         self.cursor.add_(1)
         self.positions.add_(1)
         return self._heads(hidden)

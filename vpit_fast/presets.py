@@ -28,7 +28,8 @@ LLMS = {
 }
 LLAMA3_VOCAB = 128256
 
-# Name -> SiglipVisionConfig fields. Both have a 27x27 patch grid, so the real 27 -> 8 resampling runs.
+# Name -> SiglipVisionConfig fields. "tiny" and "siglip-so400m" have a 27x27 patch grid and
+# "tiny-local" a 9x9 one, so the real resampling to 8x8 runs for each.
 ENCODERS = {
     "tiny": dict(image_size=108, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64),
@@ -39,7 +40,12 @@ ENCODERS = {
     # layer that (random weights) spreads the whole image into every token; the first generated
     # token, predicted from the text alone, then stayed at the dataset mean, every later token
     # followed from it, and the tiny model generated the same image for every prompt.
-    "tiny-local": dict(image_size=108, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    # Patches of 12 pixels, about one token's cell each: a token is then a projection of its cell's
+    # pixels, outline included. With 4-pixel patches a token was the mean of about 11 patch
+    # embeddings, which keeps little more than how much of the cell is covered, and the shape's
+    # kind (a few partly covered cells) was hard to learn and to retrieve
+    # (benchmarks/RESULTS.md, "The embedded default").
+    "tiny-local": dict(image_size=108, patch_size=12, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64),
     "siglip-so400m": dict(image_size=384, patch_size=14, hidden_size=1152, num_hidden_layers=27,
                           num_attention_heads=16, intermediate_size=4304),

@@ -6,7 +6,7 @@ Presets:
                   (`vpit_fast.presets.ENCODERS`, "tiny-local"), standardised and L2-normalised, and
                   the procedural shapes data with text-to-image and image-QA weighted up, noisy
                   image inputs for generation targets, condition dropout and the visual loss
-                  weighted 3x; trains on two CPU cores in about 7 minutes.
+                  weighted 3x; trains on two CPU cores in about 9 minutes.
     paper-stage1  MetaMorph stage 1 (adapter pretraining, Table 2: lr 4.90e-5, wd 0, batch 768)
                   on LLaMA-3.1-8B-Instruct and SigLIP-so400m@384, by hub name (or local paths).
     paper-stage2  stage 2 (everything but the vision tower, lr 6.93e-5, wd 0, batch 1536, one
@@ -153,8 +153,13 @@ def _paper(stage, lr, rows, init=""):
         activation_checkpointing=True, evaluate=False)
 
 
-TINY_TASKS = ("image_qa", "text_to_image", "image_editing", "visual_thinking", "video_qa", "frame_prediction",
-              "frame_reordering", "image_qa", "text_to_image", "image_qa", "text_to_image")
+# The tiny preset's task cycle: text-to-image and image QA five times each in 15 samples, every
+# other task once. Video samples (four or five frames) are the longest: counted in tokens, this
+# cycle gives text-to-image 23% of a step and image QA 19%, against 17% and 13% when every task
+# but those two came once in 11 samples (benchmarks/RESULTS.md, "The embedded default").
+TINY_TASKS = ("image_qa", "text_to_image", "image_editing", "image_qa", "text_to_image", "video_qa",
+              "image_qa", "text_to_image", "visual_thinking", "image_qa", "text_to_image", "frame_prediction",
+              "image_qa", "text_to_image", "frame_reordering")
 
 PRESETS = {
     "tiny": TrainConfig(
@@ -162,12 +167,9 @@ PRESETS = {
         # prompts emptied (uncond_fraction, for guidance) and the visual loss weighted 3x: without
         # them this 0.85M-parameter model continues whatever image it is fed instead of drawing
         # the prompt (held-out generation accuracy 0.053 against 0.39 with them; image QA 0.69
-        # against 0.60; README "Embedded default").
+        # against 0.60; benchmarks/RESULTS.md, "The embedded default").
         model=ModelConfig(encoder="tiny-local", normalize_visual=True, standardize_visual=True, visual_weight=3.0,
                           target_noise=3.0),
-        # Text-to-image and image-QA three times each in the 11-task cycle (3/11 of the samples
-        # each, against 1/7): generation needs the text-to-image signal, and image QA would
-        # otherwise lose to the visual loss.
         data=DataConfig(shapes_tasks=TINY_TASKS, uncond_fraction=0.1),
         steps=1600),
     "paper-stage1": _paper("stage1", 4.90e-5, 192),
