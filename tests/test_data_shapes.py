@@ -11,8 +11,8 @@ from PIL import Image
 
 from vpit_fast.data import (HELD_OUT, TASKS, Scene, Shape, ShapesDataset, build_tokenizer, key_to_scene,
                             normalize_text, render, scene_to_key)
-from vpit_fast.data.shapes import (ANCHORS, BACKGROUND, COLORS, DIRECTIONS, FRAME_STEP, IMAGE, NUM_FRAMES,
-                                   POSITIONS, SHAPES, SIZES, shows_held_out, target_keys)
+from vpit_fast.data.shapes import (ANCHORS, BACKGROUND, COLORS, DEFAULT_POSITION, DEFAULT_SIZE, DIRECTIONS, FRAME_STEP,
+                                   IMAGE, NUM_FRAMES, POSITIONS, SHAPES, SIZES, shows_held_out, target_keys)
 
 SIDE = 64
 N = 7 * 30  # 30 records of every task per split
@@ -175,11 +175,19 @@ def test_visual_thinking_shows_a_close_up_first(records):
 
 
 def test_text_to_image_describes_the_target(records):
+    short = 0
     for record in of_task(records, "text_to_image"):
         prompt, response = (t["value"] for t in record["conversations"])
         assert response == f"Here is an image based on your request: {IMAGE}"
-        for s in key_to_scene(record["image"][0]).shapes:
+        shapes = key_to_scene(record["image"][0]).shapes
+        if " in the " not in prompt:  # the short form: colour and kind only, the default size and place
+            (s,) = shapes
+            assert prompt.endswith(f"a {s.color} {s.kind}.") and (s.size, s.position) == (DEFAULT_SIZE, DEFAULT_POSITION)
+            short += 1
+            continue
+        for s in shapes:
             assert f"a {s.size} {s.color} {s.kind} in the {s.position}" in prompt
+    assert short > 0
 
 
 def test_editing_changes_exactly_the_named_attribute(records):

@@ -74,6 +74,7 @@ TEMPLATES = {
     "qa_size": "Is the {kind} small or large?",
     "qa_count": "How many shapes are in the image?",
     "describe": "a {size} {color} {kind} in the {position}",
+    "describe_short": "a {color} {kind}",
     "describe_join": "{first} and {second}",
     "t2i_generate": "Generate an image of {description}.",
     "t2i_draw": "Draw {description}.",
@@ -90,6 +91,11 @@ TEMPLATES = {
     "reorder": "These frames are shuffled. The {kind} starts in the {position}. Put them in order.",
 }
 T2I_PROMPTS = ("t2i_generate", "t2i_draw", "t2i_create")
+# A text-to-image prompt may name only colour and kind ("Draw a red circle."): the picture then shows
+# one shape of the default size in the default position. This fraction of the prompts take that
+# form, so the shortest request a user would type is in the training distribution.
+SHORT_T2I_FRACTION = 0.15
+DEFAULT_SIZE, DEFAULT_POSITION = "large", "center"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +267,10 @@ def image_qa(rng):
 
 
 def text_to_image(rng):
+    if rng.random() < SHORT_T2I_FRACTION:
+        shape = Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), DEFAULT_SIZE, DEFAULT_POSITION)
+        description = _text("describe_short", color=shape.color, kind=shape.kind)
+        return _text(rng.choice(T2I_PROMPTS), description=description), _text("t2i_answer"), [Scene((shape,))]
     scene = _random_scene(rng)
     return _text(rng.choice(T2I_PROMPTS), description=_describe(scene)), _text("t2i_answer"), [scene]
 

@@ -38,8 +38,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             bf16, fp16 or fp32 (each gets an fp32 master), all on one device type.
         lr, betas, eps, weight_decay: as `torch.optim.AdamW`.
         impl: ``"vpit"`` (the fused op), ``"torch"`` (torch's AdamW between casts) or ``"auto"``
-            (``"vpit"`` on the CPU when vpit_fast's kernels are built, else ``"torch"``; on CUDA
-            ``"torch"`` until the kernel has been run on a GPU, see the README).
+            (``"vpit"`` when vpit_fast's kernels are built for the parameters' device, else
+            ``"torch"``).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl="auto"):
@@ -54,9 +54,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "auto":
-            # The CUDA kernel is built and tested on GPUs, but no GPU has been lent since it was
-            # written: CUDA parameters keep torch's update until it has run there.
-            impl = "vpit" if _extension._C is not None and devices == {"cpu"} else "torch"
+            built = _extension._C is not None and (devices == {"cpu"} or _extension.build_info()["cuda"])
+            impl = "vpit" if built and devices <= {"cpu", "cuda"} else "torch"
         elif impl == "vpit":
             _extension.extension()  # raises with how to build the kernels
         self.impl = impl
