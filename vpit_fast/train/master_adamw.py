@@ -54,8 +54,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "auto":
-            built = _extension._C is not None and (devices == {"cpu"} or _extension.build_info()["cuda"])
-            impl = "vpit" if built and devices <= {"cpu", "cuda"} else "torch"
+            (device,) = devices
+            built = _extension._C is not None and (device == "cpu" or device == "cuda" and _extension.build_info()["cuda"])
+            impl = "vpit" if built else "torch"
         elif impl == "vpit":
             _extension.extension()  # raises with how to build the kernels
         self.impl = impl
