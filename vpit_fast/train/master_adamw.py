@@ -55,7 +55,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "auto":
             (device,) = devices
-            built = _extension._C is not None and (device == "cpu" or device == "cuda" and _extension.build_info()["cuda"])
+            cuda_built = device == "cuda" and _extension._C is not None and _extension.build_info()["cuda"]
+            built = cuda_built or (device == "cpu" and _extension._C is not None)
             impl = "vpit" if built else "torch"
         elif impl == "vpit":
             _extension.extension()  # raises with how to build the kernels
