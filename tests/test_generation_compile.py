@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from test_generation import assert_same, mixed_batch, tiny_model
-from vpit_fast.generation import generate, generate_uncached
+from test_generation import assert_same, mixed_batch, reference, tiny_model
+from vpit_fast.generation import generate
 
 
 def test_compiled_step_equals_uncompiled_step_greedy_and_sampled():
@@ -42,4 +42,4 @@ def test_compiled_cuda_graph_decode_equals_eager_decode():
     guided = generate(model, **batch, max_new_tokens=72, cfg_scale=2.0)
     assert_same(generate(model, **batch, max_new_tokens=72, cfg_scale=2.0, cuda_graph=True, compile_step=True),
                 guided, atol=1e-4)
-    assert_same(generate_uncached(model, **batch, max_new_tokens=72), eager)
+    assert_same(eager, reference(model, **batch, max_new_tokens=72))

@@ -132,6 +132,9 @@ def check_structure(out, grads, case, dtype, device):
         assert torch.equal(prompt_grad, torch.zeros_like(prompt_grad)), "prompt rows got a gradient"
 
 
+FEW_ROWS_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
 def check_against_float64(case, dtype, device, max_chunk_bytes="small", freeze_lm_head=False, fp32_tol=2e-5,
                           **kwargs):
     """Our op and plain PyTorch in dtype, both against the float64 reference."""
@@ -148,6 +151,10 @@ def check_against_float64(case, dtype, device, max_chunk_bytes="small", freeze_l
     check_structure(ours, grads, case, dtype, device)
 
     slack = SLACK[dtype]
+    # With under 16 target rows, plain PyTorch's error is one noisy draw of a few roundings, so
+    # "no worse than it" also takes the dtype's own tolerance (bf16 ~1e-2 relative).
+    few_rows = case.text_rows.numel() + case.visual_rows.numel() < 16
+    floor = FEW_ROWS_TOL[dtype] if few_rows else 0.0
     errors = {}
     for field in ("loss", "text_loss", "visual_loss"):
         errors[field] = (rel_error(getattr(ours, field), getattr(ref, field)),
@@ -156,7 +163,7 @@ def check_against_float64(case, dtype, device, max_chunk_bytes="small", freeze_l
         errors[f"grad {name}"] = (rel_error(grads[name], ref_grads[name]),
                                   rel_error(plain_grads[name], ref_grads[name]))
     for name, (err, err_plain) in errors.items():
-        assert err <= err_plain + slack, f"{name}: error {err:.3e} vs plain PyTorch {err_plain:.3e}"
+        assert err <= max(err_plain + slack, floor), f"{name}: error {err:.3e} vs plain PyTorch {err_plain:.3e}"
         if dtype == torch.float32:
             assert err < fp32_tol, f"{name}: float32 error {err:.3e}"
     # One bf16 row's cosine is off by up to ~2^-9 however it is computed; averages of many rows

@@ -38,6 +38,9 @@ def unsupported_reason(llm):
         return f"model type {config.model_type!r} is not one of {MODEL_TYPES}"
     if getattr(config, "hidden_act", None) != "silu":
         return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not 'silu'"
+    dtype = llm.get_input_embeddings().weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the model is {dtype}; the fused kernels take float32, bfloat16 or float16"
     base = llm.base_model
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):

@@ -717,7 +717,8 @@ class StaticDecoder:
             self.mode, self.visual_count, self.images_left, text_ids, pred,
             model.llm.get_input_embeddings().weight, model.adapter, num_visual_tokens=cfg.num_visual_tokens,
             image_start_id=cfg.image_start_id, image_end_id=cfg.image_end_id, image_token_id=cfg.image_token_id,
-            pad_id=self.pad_id, eos_ids=self.eos_ids, normalize=cfg.normalize_visual)
+            pad_id=self.pad_id, eos_ids=self.eos_ids, normalize=cfg.normalize_visual,
+            impl="torch" if pred.dtype == torch.float64 else "auto")  # the compiled ops have no float64
         # Clamped so warm-up steps of a graph capture never index past the buffers.
         index = self.generated.clamp(max=s.max_new_tokens - 1).reshape(1)
         self.out_ids.index_copy_(1, index, next_ids[:, None])
