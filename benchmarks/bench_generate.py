@@ -212,7 +212,10 @@ def test_generate_cuda(benchmark, model, batch, impl):
 # ---------------------------------------------------------------------------------------------
 
 
-STEP_VARIANTS = ["compiled", "cuda_graph", "eager", "compiled_hf_layers", "cuda_graph_hf_layers"]
+# "_image_run": the step inside an image, without LM head and sampling (StaticDecoder.image_run_steps);
+# the prompts' <image_start> prefix puts every row inside an image, with 64 such steps to go.
+STEP_VARIANTS = ["compiled", "cuda_graph", "eager", "compiled_hf_layers", "cuda_graph_hf_layers",
+                 "cuda_graph_image_run"]
 STEP_CASES = [(b, v) for b in BATCHES for v in STEP_VARIANTS if b == 1 or not v.endswith("_hf_layers")]
 
 
@@ -226,8 +229,14 @@ def test_decode_step_cuda(benchmark, model, batch, variant):
     # A budget of 256 leaves room for the warm-up and timed steps (each one writes a cache slot).
     decoder = start_decoding(model, prompts(model, batch), cuda_graph=graph, compile_step=compiled,
                              fused_layers=fused, **{**FORCED, "max_new_tokens": 256, "min_new_tokens": 256})
-    ms = measure(benchmark, decoder.step, warmup=5, reps=50, impl="ours", batch=batch, cuda_graph=graph,
-                 compile_step=compiled, fused_layers=decoder.fused_layers is not None)
+    if variant.endswith("_image_run"):
+        assert decoder.image_run_steps() == 64
+        # 2 + 40 timed + 1 + 20 pytest-benchmark rounds: 63 steps, all inside the image
+        ms = measure(benchmark, lambda: decoder.step(image_run=True), warmup=2, reps=40, impl="ours", batch=batch,
+                     cuda_graph=graph, image_run=True, fused_layers=decoder.fused_layers is not None)
+    else:
+        ms = measure(benchmark, decoder.step, warmup=5, reps=50, impl="ours", batch=batch, cuda_graph=graph,
+                     compile_step=compiled, fused_layers=decoder.fused_layers is not None)
     benchmark.extra_info.update(ms_per_step=ms, weight_read_floor_ms=WEIGHT_READ_FLOOR_MS,
                                 fraction_of_floor=WEIGHT_READ_FLOOR_MS / ms)
     release_decoders(model)

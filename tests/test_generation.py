@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from conftest import requires_cuda
 from vpit_fast.data import build_tokenizer
 from vpit_fast.generation import (DONE, IMAGE_MODE, TEXT, dispatch_next_inputs, encode_prompt, generate,
-                                  generate_uncached, sample_tokens)
+                                  generate_uncached, sample_tokens, start_decoding)
 from vpit_fast.model import VPiTConfig, VPiTModel
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -261,6 +261,34 @@ def test_forced_image_start_gives_images_of_exactly_64_tokens_per_row():
         assert len(g.visual_tokens) == 1
 
 
+def test_image_run_steps_skip_the_lm_head_with_the_same_results():
+    """Inside an image no row samples text: those steps may skip the LM head (`image_run_steps`
+    counts them from the state) and give what the full step gives."""
+    model = tiny_model(normalize=True)
+    prompts, kwargs = [IMAGE_PROMPT, "a"], dict(response_prefix=RESPONSE, max_new_tokens=80)
+    lm_head_calls = []
+    hook = model.heads.lm_head.register_forward_hook(lambda *args: lm_head_calls.append(1))
+    runs = []
+    for image_run in (True, False):
+        decoder = start_decoding(model, prompts, **kwargs)  # the prefill emits visual token 0
+        lm_head_calls.clear()
+        # 63 visual tokens and <image_end> to go in both rows
+        assert decoder.image_run_steps() == N
+        for step in range(1, 80):
+            decoder.step(image_run=image_run and step <= N)
+        runs.append((decoder.out_ids.clone(), decoder.out_visual.clone(), len(lm_head_calls)))
+        assert decoder.image_run_steps() == 0  # back in text mode
+    hook.remove()
+    (ids, visual, calls), (full_ids, full_visual, full_calls) = runs
+    assert torch.equal(ids, full_ids) and torch.equal(visual, full_visual)
+    assert (calls, full_calls) == (79 - N, 79)
+    assert ids[:, N].tolist() == [model.config.image_end_id] * 2
+    assert_same(generate(model, prompts, **kwargs), reference(model, prompts, **kwargs))
+
+    text_row = start_decoding(model, prompts, response_prefix=[RESPONSE, None], max_new_tokens=80)
+    assert text_row.image_run_steps() == 0  # a row in text mode samples every step
+
+
 def test_end_of_turn_stops_and_min_new_tokens_delays_it():
     model = tiny_model()
     eos = model.tokenizer.eos_token_id
@@ -427,6 +455,9 @@ def test_cuda_graph_decode_equals_eager_decode():
     guided = generate(model, **batch, max_new_tokens=72, cfg_scale=2.0)
     assert_same(generate(model, **batch, max_new_tokens=72, cfg_scale=2.0, cuda_graph=True), guided)
     assert_same(eager, reference(model, **batch, max_new_tokens=72))
+    # every row inside an image: the captured image-run step replays for those steps
+    images = dict(prompts=[IMAGE_PROMPT, "a"], response_prefix=RESPONSE, max_new_tokens=80)
+    assert_same(generate(model, **images, cuda_graph=True), reference(model, **images))
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from test_generation import assert_same, mixed_batch, reference, tiny_model
+from test_generation import IMAGE_PROMPT, RESPONSE, assert_same, mixed_batch, reference, tiny_model
 from vpit_fast.generation import generate
 
 
@@ -43,3 +43,5 @@ def test_compiled_cuda_graph_decode_equals_eager_decode():
     assert_same(generate(model, **batch, max_new_tokens=72, cfg_scale=2.0, cuda_graph=True, compile_step=True),
                 guided, atol=1e-4)
     assert_same(eager, reference(model, **batch, max_new_tokens=72))
+    images = dict(prompts=[IMAGE_PROMPT, "a"], response_prefix=RESPONSE, max_new_tokens=80)  # image-run steps
+    assert_same(generate(model, **images, cuda_graph=True, compile_step=True), reference(model, **images), atol=1e-4)

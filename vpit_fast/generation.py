@@ -24,7 +24,9 @@ How it runs (`generate`):
   (no compaction, no host sync), writes the next input embeddings, the emitted ids and visual
   tokens into static buffers and updates the per-row state. With ``cuda_graph=True`` that whole
   step is captured once in a CUDA graph and replayed; the host only checks every
-  ``stop_check_interval`` steps whether all rows have finished. The step's attention is
+  ``stop_check_interval`` steps (and once after the prefill) whether all rows have finished and
+  whether every unfinished row is inside an image: until that image's end no row samples text,
+  so those steps run a second captured step without the LM head and sampling. The step's attention is
   `decode_attention` (grouped query heads packed onto their KV head, no copy of the cache); the
   prefill uses the model's own implementation. For LLaMA-family LLMs with at most
   `vpit_fast.fused_decode.AUTO_MAX_ROWS` rows on CUDA (any number on the CPU) the step's decoder layers
@@ -581,7 +583,9 @@ class StaticDecoder:
         self.eos_tuple = tuple(eos_ids)
         pad_id = model.tokenizer.pad_token_id
         self.pad_id = eos_ids[0] if pad_id is None else pad_id
+        self.no_text = torch.zeros(B, dtype=torch.int64, device=device)  # an image-run step's text ids
         self.graph = None
+        self.image_run_graph = None  # the step without LM head and sampling (see `image_run_steps`)
         self.prefill_graphs = {}  # prompt length -> (graph, input buffers), or None: not capturable
         # Random draws stay eager: dynamo cannot trace a torch.Generator, and the compiled draw
         # would come from another random stream than the eager step's.
@@ -656,12 +660,27 @@ class StaticDecoder:
         self._emit(hidden)
 
     @torch.no_grad()
-    def step(self):
-        """One decode step (the CUDA graph's replay when captured). Returns None."""
-        if self.graph is not None:
-            self.graph.replay()
+    def step(self, image_run=False):
+        """One decode step (the CUDA graph's replay when captured). ``image_run=True`` skips the
+        LM head and sampling, which only rows in text mode read: allowed for the steps that
+        `image_run_steps` counts, and giving the same results there. Returns None."""
+        graph = self.image_run_graph if image_run else self.graph
+        if graph is not None:
+            graph.replay()
         else:
-            self._step()
+            self._step(text=not image_run)
+
+    def image_run_steps(self):
+        """How many of the next steps no row samples text in: 0 while a row is in text mode; else
+        every unfinished row is inside an image, whose remaining visual tokens and ``<image_end>``
+        come without the LM head, and the fewest such steps over those rows. Reading the state
+        syncs with the device. For an image of 64 tokens this skips the LM head (the largest
+        single weight read of a decode step) on 64 of the image's 65 steps."""
+        modes, counts = torch.stack([self.mode, self.visual_count]).tolist()
+        if TEXT in modes or IMAGE_MODE not in modes:
+            return 0
+        n = self.model.config.num_visual_tokens
+        return min(n - count + 1 for mode, count in zip(modes, counts) if mode == IMAGE_MODE)
 
     def finished(self):
         """0-d bool tensor: every row is done (reading it on the host syncs)."""
@@ -669,14 +688,14 @@ class StaticDecoder:
 
     # ---- what a step does (captured as is) -------------------------------------------------------
 
-    def _step(self):
+    def _step(self, text=True):
         with _Attention(self.model.llm, DECODE_ATTENTION):
-            text, pred = self.model_step()
+            text, pred = self.model_step(text)
         self._dispatch(text, pred)
 
-    def _model_step(self):
+    def _model_step(self, text=True):
         """The step's model work (what ``compile_step`` compiles): one LLM forward for the rows'
-        inputs, then `_heads`. Returns `_heads`' result."""
+        inputs, then `_heads` (with the LM head when ``text``). Returns `_heads`' result."""
         self.key_valid.index_fill_(1, self.cursor, True)
         if self.fused_layers is not None:
             hidden = self.fused_layers(self.embeds[:, 0], self.positions[:, 0], self.cursor, self.key_valid)
@@ -686,21 +705,27 @@ class StaticDecoder:
                 position_ids=self.positions, use_cache=True, **self.cache_kwargs).last_hidden_state[:, -1]
         self.cursor.add_(1)
         self.positions.add_(1)
-        return self._heads(hidden)
+        return self._heads(hidden, text)
 
     def _emit(self, hidden):
         """Heads, sampling and dispatch on the last hidden states ``[R, H]`` (the prefill's)."""
         self._dispatch(*self._heads(hidden))
 
-    def _heads(self, hidden):
-        """LM head (with the exclusions) and vision head (with guidance) on the last hidden states
-        ``[R, H]``. Returns (text ids ``[B]`` int64, or the ``[B, V]`` float32 logits to sample
-        from when not ``sample_in_step``; visual predictions ``[B, Dv]``)."""
+    def _heads(self, hidden, text=True):
+        """LM head (with the exclusions; only when ``text``) and vision head (with guidance) on
+        the last hidden states ``[R, H]``. Returns (text ids ``[B]`` int64, or the ``[B, V]``
+        float32 logits to sample from when not ``sample_in_step``, or None without ``text``;
+        visual predictions ``[B, Dv]``)."""
         model, cfg, s, B = self.model, self.model.config, self.sampling, self.batch_size
         cond = hidden[:B]
-        logits = model.heads.lm_head(cond).float() + self.text_bias
-        _exclude_by_state(logits, self.generated, self.images_left, self.eos_ids, s.min_new_tokens, cfg.image_start_id)
-        text = sample_tokens(logits, s.temperature, s.top_k, s.top_p, self.generator) if self.sample_in_step else logits
+        if text:
+            logits = model.heads.lm_head(cond).float() + self.text_bias
+            _exclude_by_state(logits, self.generated, self.images_left, self.eos_ids, s.min_new_tokens,
+                              cfg.image_start_id)
+            text = (sample_tokens(logits, s.temperature, s.top_k, s.top_p, self.generator) if self.sample_in_step
+                    else logits)
+        else:
+            text = None
         pred = model.heads.vision_head(cond)
         if s.cfg_scale is not None:
             pred = _guided(pred, model.heads.vision_head(hidden[B:]), s.cfg_scale)
@@ -711,8 +736,12 @@ class StaticDecoder:
         not ``sample_in_step``); writes the outputs at index ``generated`` and the next step's
         inputs."""
         model, cfg, s, B = self.model, self.model.config, self.sampling, self.batch_size
-        text_ids = text if self.sample_in_step else sample_tokens(text, s.temperature, s.top_k, s.top_p,
-                                                                   self.generator)
+        if text is None:  # an image-run step: no row reads a text id
+            text_ids = self.no_text
+        elif self.sample_in_step:
+            text_ids = text
+        else:
+            text_ids = sample_tokens(text, s.temperature, s.top_k, s.top_p, self.generator)
         next_embeds, next_ids, visual, mode, count, left = dispatch_next_inputs(
             self.mode, self.visual_count, self.images_left, text_ids, pred,
             model.llm.get_input_embeddings().weight, model.adapter, num_visual_tokens=cfg.num_visual_tokens,
@@ -730,14 +759,19 @@ class StaticDecoder:
         self.generated.add_(1)
 
     def _capture(self):
-        """Warms the step up on a side stream (cuBLAS handles, allocator), captures it, resets."""
+        """Warms the step and the image-run step up on a side stream (cuBLAS handles, allocator,
+        compilation), captures both (one memory pool: they never run at once), resets."""
         with torch.no_grad():
-            _on_side_stream(lambda: [self._step() for _ in range(2)])
+            _on_side_stream(lambda: [self._step(text) for text in (True, True, False, False)])
             self.reset()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._step()
-            self.graph = graph
+            self.reset()
+            image_run_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(image_run_graph, pool=graph.pool()):
+                self._step(text=False)
+            self.graph, self.image_run_graph = graph, image_run_graph
             self.reset()
 
     def _capture_prefill(self, inputs):
@@ -958,7 +992,10 @@ def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=
             transformers' layers. ``"auto"``: when the LLM is LLaMA-family and, on CUDA, the
             step has at most `vpit_fast.fused_decode.AUTO_MAX_ROWS` rows (batch, doubled with
             guidance); True: always (an error names what the model lacks); False: never.
-        stop_check_interval: steps between host checks that every sequence has finished.
+        stop_check_interval: steps between host checks that every sequence has finished. These
+            checks (and one after the prefill) also read whether every unfinished row is inside
+            an image: the steps until its end then skip the LM head and sampling
+            (`StaticDecoder.image_run_steps`), with the same results.
 
     Returns:
         a list of `Generation`, one per prompt, in order.
@@ -972,10 +1009,14 @@ def generate(model, prompts, images=None, *, visual_tokens=None, max_new_tokens=
                                  eos_token_ids=eos_token_ids, generator=generator, cuda_graph=cuda_graph,
                                  compile_step=compile_step, fused_layers=fused_layers)
         steps = 1
+        image_run = decoder.image_run_steps() if max_new_tokens > 1 else 0
         while steps < max_new_tokens:
-            if steps % stop_check_interval == 0 and bool(decoder.finished()):
-                break
-            decoder.step()
+            if steps % stop_check_interval == 0:
+                if bool(decoder.finished()):
+                    break
+                image_run = decoder.image_run_steps()
+            decoder.step(image_run=image_run > 0)
+            image_run -= 1
             steps += 1
         ids = decoder.out_ids[:, :steps].cpu()
         visual = decoder.out_visual[:, :steps].cpu()
