@@ -668,14 +668,15 @@ class StaticDecoder:
         if graph is not None:
             graph.replay()
         else:
-            self._step(text=not image_run)
+            self._step(with_text=not image_run)
 
     def image_run_steps(self):
         """How many of the next steps no row samples text in: 0 while a row is in text mode; else
         every unfinished row is inside an image, whose remaining visual tokens and ``<image_end>``
         come without the LM head, and the fewest such steps over those rows. Reading the state
-        syncs with the device. For an image of 64 tokens this skips the LM head (the largest
-        single weight read of a decode step) on 64 of the image's 65 steps."""
+        syncs with the device. An image's 64 visual tokens and ``<image_end>`` can so skip the LM
+        head (the largest weight read of a step after the layers): all 65 steps when the host
+        reads the state right after ``<image_start>``, fewer when it learns of the image later."""
         modes, counts = torch.stack([self.mode, self.visual_count]).tolist()
         if TEXT in modes or IMAGE_MODE not in modes:
             return 0
@@ -688,14 +689,14 @@ class StaticDecoder:
 
     # ---- what a step does (captured as is) -------------------------------------------------------
 
-    def _step(self, text=True):
+    def _step(self, with_text=True):
         with _Attention(self.model.llm, DECODE_ATTENTION):
-            text, pred = self.model_step(text)
+            text, pred = self.model_step(with_text)
         self._dispatch(text, pred)
 
-    def _model_step(self, text=True):
+    def _model_step(self, with_text=True):
         """The step's model work (what ``compile_step`` compiles): one LLM forward for the rows'
-        inputs, then `_heads` (with the LM head when ``text``). Returns `_heads`' result."""
+        inputs, then `_heads`. Returns `_heads`' result."""
         self.key_valid.index_fill_(1, self.cursor, True)
         if self.fused_layers is not None:
             hidden = self.fused_layers(self.embeds[:, 0], self.positions[:, 0], self.cursor, self.key_valid)
@@ -705,27 +706,26 @@ class StaticDecoder:
                 position_ids=self.positions, use_cache=True, **self.cache_kwargs).last_hidden_state[:, -1]
         self.cursor.add_(1)
         self.positions.add_(1)
-        return self._heads(hidden, text)
+        return self._heads(hidden, with_text)
 
     def _emit(self, hidden):
         """Heads, sampling and dispatch on the last hidden states ``[R, H]`` (the prefill's)."""
         self._dispatch(*self._heads(hidden))
 
-    def _heads(self, hidden, text=True):
-        """LM head (with the exclusions; only when ``text``) and vision head (with guidance) on
-        the last hidden states ``[R, H]``. Returns (text ids ``[B]`` int64, or the ``[B, V]``
-        float32 logits to sample from when not ``sample_in_step``, or None without ``text``;
-        visual predictions ``[B, Dv]``)."""
+    def _heads(self, hidden, with_text=True):
+        """LM head (with the exclusions; skipped without ``with_text``) and vision head (with
+        guidance) on the last hidden states ``[R, H]``. Returns (text ids ``[B]`` int64, or the
+        ``[B, V]`` float32 logits to sample from when not ``sample_in_step``, or None without
+        ``with_text``; visual predictions ``[B, Dv]``)."""
         model, cfg, s, B = self.model, self.model.config, self.sampling, self.batch_size
         cond = hidden[:B]
-        if text:
+        text = None
+        if with_text:
             logits = model.heads.lm_head(cond).float() + self.text_bias
             _exclude_by_state(logits, self.generated, self.images_left, self.eos_ids, s.min_new_tokens,
                               cfg.image_start_id)
             text = (sample_tokens(logits, s.temperature, s.top_k, s.top_p, self.generator) if self.sample_in_step
                     else logits)
-        else:
-            text = None
         pred = model.heads.vision_head(cond)
         if s.cfg_scale is not None:
             pred = _guided(pred, model.heads.vision_head(hidden[B:]), s.cfg_scale)
@@ -762,7 +762,7 @@ class StaticDecoder:
         """Warms the step and the image-run step up on a side stream (cuBLAS handles, allocator,
         compilation), captures both (one memory pool: they never run at once), resets."""
         with torch.no_grad():
-            _on_side_stream(lambda: [self._step(text) for text in (True, True, False, False)])
+            _on_side_stream(lambda: [self._step(with_text) for with_text in (True, True, False, False)])
             self.reset()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -770,7 +770,7 @@ class StaticDecoder:
             self.reset()
             image_run_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(image_run_graph, pool=graph.pool()):
-                self._step(text=False)
+                self._step(with_text=False)
             self.graph, self.image_run_graph = graph, image_run_graph
             self.reset()
 
