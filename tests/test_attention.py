@@ -328,3 +328,26 @@ def test_cuda_packed_model_matches_each_sample_alone(family, tmp_path):
         for r, s, e in spans:
             want = ref(input_ids=batch["input_ids"][r:r + 1, s:e].cuda(), use_cache=False).logits[0]
             assert rel_error(out[r, s:e].float(), want.float()) <= 1e-2
+
+
+def test_backend_lookup_adds_no_graph_break_under_torch_compile():
+    """The backend lookup runs once, eagerly: what the CUDA paths of `varlen_attention` call inside
+    a compiled decoder block must not split its graph (an import there did, at every attention
+    call)."""
+    import torch._dynamo
+
+    from vpit_fast import attention
+
+    attention.register_varlen_attention()
+
+    def block(x):
+        x = x.sin()
+        flash = attention._flash_attn_varlen_func()
+        x = x.cos()
+        varlen, params = attention._torch_varlen_attn()
+        x = x.tan()
+        return x * 2 if flash is None and varlen is not None and "scale" in params else x + 1
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(torch.randn(4))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -23,7 +23,6 @@ Register once with `register_varlen_attention`, then load models with
 runs unpacked or padded batches like transformers' ``"sdpa"``.
 """
 
-import functools
 import importlib
 import inspect
 
@@ -37,26 +36,36 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------- backend discovery
 
-@functools.lru_cache(maxsize=None)
+_PROBED = None  # (flash_attn_varlen_func or None, torch's varlen_attn or None, its parameter names)
+
+
+def _probe_backends():
+    """The importable varlen kernels, looked up once. The lookup (imports, ``inspect``) runs
+    eagerly: `register_varlen_attention` does it when a model is built, so code that torch.compile
+    traces only reads the result (an import inside a compiled decoder block would split its graph
+    at every attention call)."""
+    global _PROBED
+    if _PROBED is None:
+        try:
+            flash = importlib.import_module("flash_attn").flash_attn_varlen_func
+        except Exception:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+            flash = None
+        try:
+            fn = getattr(importlib.import_module("torch.nn.attention.varlen"), "varlen_attn", None)
+        except ImportError:
+            fn = None
+        _PROBED = (flash, fn, tuple(inspect.signature(fn).parameters) if fn is not None else ())
+    return _PROBED
+
+
 def _flash_attn_varlen_func():
     """flash_attn.flash_attn_varlen_func, or None when the package is absent or fails to load."""
-    try:
-        return importlib.import_module("flash_attn").flash_attn_varlen_func
-    except Exception:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
-        return None
+    return _probe_backends()[0]
 
 
-@functools.lru_cache(maxsize=None)
 def _torch_varlen_attn():
     """(varlen_attn, names of its parameters), or (None, ()) when this torch has none."""
-    try:
-        varlen = importlib.import_module("torch.nn.attention.varlen")
-    except ImportError:
-        return None, ()
-    fn = getattr(varlen, "varlen_attn", None)
-    if fn is None:
-        return None, ()
-    return fn, tuple(inspect.signature(fn).parameters)
+    return _probe_backends()[1:]
 
 
 def _backend_usable(backend, device, dtype, dropout, needs_window):
@@ -324,7 +333,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is not None:
         cu_k = kwargs.get("cu_seq_lens_k")
-        if cu_k is not None and cu_k is not cu_q and (cu_k.shape != cu_q.shape or not torch.equal(cu_k, cu_q)):
+        # (the value check reads the device: skipped while torch.compile traces, where it would
+        # split the graph; the same boundaries object, as packed_attention_kwargs passes, is checked)
+        if (cu_k is not None and cu_k is not cu_q and not torch.compiler.is_compiling()
+                and (cu_k.shape != cu_q.shape or not torch.equal(cu_k, cu_q))):
             raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (packed self-attention)")
         if kwargs.get("max_length_q") is None:
             raise ValueError("cu_seq_lens_q needs max_length_q (the longest segment)")
@@ -371,6 +383,7 @@ def register_varlen_attention():
     in transformers' global attention and mask interfaces (idempotent). Returns the name."""
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
+    _probe_backends()
     AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_free_mask)
     return ATTN_IMPLEMENTATION
