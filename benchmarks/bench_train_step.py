@@ -9,7 +9,10 @@ random weights, forward + backward + optimizer step on one GPU.
 - ours: what `vpit-train` does on one GPU: `VPiTModel` in bf16 parameters with fp32 master weights
   in `MasterWeightAdamW` (fused AdamW), samples packed into 4096-token rows, varlen attention,
   `interpolate_tokens`, the fused response-only head loss; eager or torch.compile per block
-  (`compile=true`); 2 or 4 packed rows per step.
+  (`compile=true`); 2, 4 or 8 packed rows per step, flattened into one row of their real tokens
+  as `vpit-train` does (`data.flatten`, `flatten_packed`; the compiled blocks first see another
+  token count, so their dynamic-shape code is timed, as in training) or as padded ``[rows, 4096]``
+  (the ``-padded`` cases).
 - official style: HF LLaMA with SDPA on padded batches (one sample per row), the input embeddings
   assembled by a Python loop over images, logits for every position upcast to fp32, a separate
   cosine loss, the channels-first ``F.interpolate`` path; fp32 parameters under bf16 autocast with
@@ -122,14 +125,16 @@ def report(benchmark, name, ms, samples, model, peak):
 
 
 @requires_cuda
-@pytest.mark.parametrize("compiled, rows, adamw", [(False, 2, "vpit"), (True, 2, "vpit"), (True, 2, "torch"),
-                                                   (True, 4, "vpit")],
-                         ids=["eager-2rows", "compiled-2rows", "compiled-2rows-torch-adamw", "compiled-4rows"])
-def test_ours(benchmark, setup, compiled, rows, adamw):
+@pytest.mark.parametrize("compiled, rows, adamw, flat", [
+    (False, 2, "vpit", True), (True, 2, "vpit", True), (True, 2, "vpit", False), (True, 2, "torch", True),
+    (True, 4, "vpit", True), (True, 4, "vpit", False), (True, 8, "vpit", True)],
+    ids=["eager-2rows", "compiled-2rows", "compiled-2rows-padded", "compiled-2rows-torch-adamw", "compiled-4rows",
+         "compiled-4rows-padded", "compiled-8rows"])
+def test_ours(benchmark, setup, compiled, rows, adamw, flat):
     import copy
 
     from vpit_fast import interpolate_tokens
-    from vpit_fast.data import collate_packed, pack
+    from vpit_fast.data import collate_packed, flatten_packed, pack
     from vpit_fast.model import VPiTModel
     from vpit_fast.train.master_adamw import MasterWeightAdamW
     from vpit_fast.train.optim import param_groups
@@ -146,7 +151,14 @@ def test_ours(benchmark, setup, compiled, rows, adamw):
     optimizer = MasterWeightAdamW(param_groups(model, 0.0), lr=1e-5, betas=(0.9, 0.95), impl=adamw)
     packed = pack(samples, BUDGET, pad_id=0)
     assert len(packed) == rows, f"{len(packed)} rows"
-    batch = VPiTModel.batch_inputs(collate_packed(packed), "cuda")
+    collated = collate_packed(packed)
+    if flat:  # what vpit-train does (data.flatten): one row of the real tokens, no padding tails
+        collated = flatten_packed(collated, pad_id=0)
+        # another token count first, so the compiled blocks run the dynamic-shape code that
+        # training, whose token count changes every step, runs
+        other = collate_packed(pack(samples[:-3], BUDGET, pad_id=0))
+        warm = VPiTModel.batch_inputs(flatten_packed(other, pad_id=0), "cuda")
+    batch = VPiTModel.batch_inputs(collated, "cuda")
     # raw holds the images in sample order; the packed rows list them in row order
     position = {key: n for n, key in enumerate(k for s in samples for k in s.image_keys)}
     raw_in_order = raw[torch.tensor([position[k] for r in packed for k in r.image_keys], device="cuda")]
@@ -158,11 +170,16 @@ def test_ours(benchmark, setup, compiled, rows, adamw):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if flat:
+        out = model(**warm, visual_tokens=interpolate_tokens(raw_in_order[:len(other["image_keys"])], out_size=8))
+        out.loss.backward()
+        optimizer.zero_grad(set_to_none=True)
     step()
     torch.cuda.reset_peak_memory_stats()
     ms = measure(benchmark, step, warmup=3, reps=10)
-    benchmark.extra_info["optimizer"] = optimizer.implementation
-    name = f"ours-{rows}rows-{'compiled' if compiled else 'eager'}" + ("-torch-adamw" if adamw == "torch" else "")
+    benchmark.extra_info.update(optimizer=optimizer.implementation, flat=flat, rows_tokens=int(batch["input_ids"].numel()))
+    name = (f"ours-{rows}rows-{'compiled' if compiled else 'eager'}" + ("-torch-adamw" if adamw == "torch" else "")
+            + ("" if flat else "-padded"))
     report(benchmark, name, ms, samples, base,
            torch.cuda.max_memory_allocated())
     del model, optimizer

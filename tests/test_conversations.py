@@ -8,7 +8,7 @@ import torch
 
 from vpit_fast.data.conversations import (MalformedRecord, Sample, drop_conditions, encode_all, encode_conversation,
                                           is_text_to_image)
-from vpit_fast.data.packing import PackedBatch, collate_packed, pack, pad_batch
+from vpit_fast.data.packing import PackedBatch, collate_packed, flatten_packed, pack, pad_batch
 from vpit_fast.data.shapes import ShapesDataset
 from vpit_fast.data.tokenizer import build_tokenizer
 
@@ -256,6 +256,55 @@ def test_collate_packed(tok, shape_samples):
     assert batch["image_batch_index"].tolist() == [r for r, row in enumerate(rows) for _ in row.image_keys]
     rows_of_images = batch["input_ids"][batch["image_batch_index"], batch["image_slots"]]
     assert (rows_of_images == tok.convert_tokens_to_ids("<image>")).all()
+
+
+@pytest.mark.parametrize("multiple", [None, 1, 64])
+def test_flatten_packed(tok, shape_samples, multiple):
+    budget, pad = 160, tok.pad_token_id
+    rows = pack(shape_samples, budget, pad)[:3]
+    batch = collate_packed(rows)
+    batch["visual_tokens"] = torch.randn(len(batch["image_keys"]), N, 8)
+    flat = flatten_packed(batch, pad, pad_to_multiple_of=multiple)
+    n = sum(row.num_tokens for row in rows)
+    total = n if multiple is None else -(-n // multiple) * multiple
+    for name in ("input_ids", "labels", "position_ids", "segment_ids"):
+        assert flat[name].shape == (1, total) and flat[name].dtype == torch.int64
+    # the rows' real tokens, in row order, then padding
+    assert flat["input_ids"][0, :n].tolist() == [t for row in rows for t in row.input_ids[:row.num_tokens].tolist()]
+    assert flat["labels"][0, :n].tolist() == [t for row in rows for t in row.labels[:row.num_tokens].tolist()]
+    assert (flat["input_ids"][0, n:] == pad).all() and (flat["labels"][0, n:] == -100).all()
+    assert (flat["segment_ids"][0, n:] == -1).all() and (flat["position_ids"][0, n:] == 0).all()
+    # one boundary per sample, each segment one sample, its positions counting from 0
+    ids = [i for row in rows for i in row.sample_ids]
+    assert flat["sample_ids"] == [ids]
+    lengths = [len(s) for row in rows for s in [next(x for x in shape_samples if x.id == i) for i in row.sample_ids]]
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    assert flat["cu_seqlens"].dtype == torch.int32
+    assert flat["cu_seqlens"].tolist() == bounds + ([total] if total > n else [])
+    assert flat["max_seqlen"] == max(lengths + [total - n])
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        assert (flat["segment_ids"][0, a:b] == k).all()
+        assert flat["position_ids"][0, a:b].tolist() == list(range(b - a))
+    # images: the same order and tensors, slots now in the flat row
+    assert flat["image_keys"] == batch["image_keys"] and flat["visual_tokens"] is batch["visual_tokens"]
+    assert torch.equal(flat["image_is_target"], batch["image_is_target"])
+    assert (flat["image_batch_index"] == 0).all()
+    slots = flat["input_ids"][0, flat["image_slots"]]
+    assert (slots == tok.convert_tokens_to_ids("<image>")).all()
+    starts = flat["input_ids"][0, flat["image_slots"] - 1]
+    assert (starts == tok.convert_tokens_to_ids("<image_start>")).all()
+    # the source batch is left as it was
+    assert batch["input_ids"].shape == (3, budget)
+
+
+def test_flatten_packed_rejects_what_it_cannot_flatten(tok, shape_samples):
+    with pytest.raises(ValueError, match="collate_packed"):
+        flatten_packed(pad_batch(shape_samples[:2], tok.pad_token_id), tok.pad_token_id)
+    batch = collate_packed(pack(shape_samples[:4], 160, tok.pad_token_id))
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        flatten_packed(batch, tok.pad_token_id, pad_to_multiple_of=0)
 
 
 def test_pad_batch(tok, shape_samples):

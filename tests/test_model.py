@@ -263,7 +263,7 @@ def test_bad_inputs_raise_clear_errors(tokenizer, encoder_dir, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_packed_batch_equals_padded_batch(kind, encoder_dir, tmp_path):
-    from vpit_fast.data import collate_packed, pack
+    from vpit_fast.data import collate_packed, flatten_packed, pack
 
     tokenizer = build_tokenizer()
     llm_dir = saved_llm(kind, len(tokenizer), tmp_path / "base")
@@ -283,15 +283,19 @@ def test_packed_batch_equals_padded_batch(kind, encoder_dir, tmp_path):
 
     rows = pack(samples, budget=max(len(s) for s in samples) + 40, pad_id=tokenizer.pad_token_id)
     assert len(rows) < len(samples)  # several samples share a row
-    packed, packed_grads = run(collate_packed(rows))
     padded, padded_grads = run(pad_batch(samples, tokenizer.pad_token_id))
-    assert int(packed.text_count) == int(padded.text_count) and int(packed.visual_count) == int(padded.visual_count)
-    for a, b in ((packed.text_loss, padded.text_loss), (packed.visual_loss, padded.visual_loss)):
-        assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
-    assert packed_grads.keys() == padded_grads.keys()
-    for name, g in padded_grads.items():
-        err = (packed_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert err < 1e-4, (name, err.item())
+    packed_batch = collate_packed(rows)
+    for batch in (packed_batch, flatten_packed(packed_batch, tokenizer.pad_token_id),
+                  flatten_packed(packed_batch, tokenizer.pad_token_id, pad_to_multiple_of=64)):
+        packed, packed_grads = run(batch)
+        assert int(packed.text_count) == int(padded.text_count)
+        assert int(packed.visual_count) == int(padded.visual_count)
+        for a, b in ((packed.text_loss, padded.text_loss), (packed.visual_loss, padded.visual_loss)):
+            assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item())
+        assert packed_grads.keys() == padded_grads.keys()
+        for name, g in padded_grads.items():
+            err = (packed_grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert err < 1e-4, (name, err.item())
 
 
 def test_presets_use_real_weights_only_when_cached(tmp_path, monkeypatch):

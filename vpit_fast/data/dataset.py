@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vpit_fast.data.conversations import encode_all
-from vpit_fast.data.packing import PackedBatch, collate_packed, pack, pad_batch
+from vpit_fast.data.packing import PackedBatch, collate_packed, flatten_packed, pack, pad_batch
 
 __all__ = ["EpochBatchSampler", "ImageFolder", "ImageFunction", "ImageLoadError", "PrecomputedImages",
            "VPiTDataset", "as_image_source", "collate", "load_records", "make_dataloader"]
@@ -225,7 +225,10 @@ class VPiTDataset(Dataset):
         on_error: ``"skip"`` or ``"raise"``.
         seed: shuffles the samples before packing, so rows mix records of equal length from all
             over the file (first-fit decreasing keeps file order among equal lengths).
-        pad_to_multiple_of: plain mode: `pad_batch` pads each batch to a multiple of this.
+        pad_to_multiple_of: plain mode: `pad_batch` pads each batch to a multiple of this;
+            flattened packed batches are padded to a multiple of this.
+        flatten: packed mode: each batch is one row of its rows' real tokens (`flatten_packed`),
+            so the model computes nothing for the rows' padding tails.
 
     Attributes: ``samples`` (the kept `Sample`s), ``rows`` (per item, the indices into
     ``samples`` in row order), ``skipped`` (``{"malformed", "missing_image", "too_long"}`` ->
@@ -238,13 +241,13 @@ class VPiTDataset(Dataset):
     """
 
     def __init__(self, records, tokenizer, images, num_visual_tokens=64, processor=None, budget=None,
-                 on_error="skip", seed=0, pad_to_multiple_of=None):
+                 on_error="skip", seed=0, pad_to_multiple_of=None, flatten=False):
         if on_error not in ("skip", "raise"):
             raise ValueError(f'on_error must be "skip" or "raise", got {on_error!r}')
         if budget is not None and (not isinstance(budget, int) or budget <= 0):
             raise ValueError(f"budget must be a positive int or None, got {budget!r}")
         self.images = as_image_source(images)
-        self.budget, self.pad_to_multiple_of = budget, pad_to_multiple_of
+        self.budget, self.pad_to_multiple_of, self.flatten = budget, pad_to_multiple_of, bool(flatten)
         self.processor = processor if self.images.kind == "pixels" else None
         if self.images.kind == "pixels":
             if processor is None:
@@ -329,12 +332,12 @@ class VPiTDataset(Dataset):
 
     def collate(self, items):
         """`collate` with this dataset's pad id (the DataLoader's ``collate_fn``)."""
-        return collate(items, self.pad_id, self.pad_to_multiple_of)
+        return collate(items, self.pad_id, self.pad_to_multiple_of, self.flatten)
 
 
-def collate(items, pad_id, pad_to_multiple_of=None):
-    """Items of `VPiTDataset` -> one batch dict: `collate_packed` of the rows (packed mode) or
-    `pad_batch` of the samples (plain mode), plus ``"pixel_values"`` ``[M, 3, H, W]`` or
+def collate(items, pad_id, pad_to_multiple_of=None, flatten=False):
+    """Items of `VPiTDataset` -> one batch dict: `collate_packed` of the rows (packed mode; then
+    `flatten_packed` with ``flatten``) or `pad_batch` of the samples (plain mode), plus ``"pixel_values"`` ``[M, 3, H, W]`` or
     ``"visual_tokens"`` ``[M, T, Dv]``: every item's images concatenated, so image ``j`` is
     ``batch["image_keys"][j]`` at row ``image_batch_index[j]``, slot ``image_slots[j]``."""
     if not items:
@@ -342,6 +345,8 @@ def collate(items, pad_id, pad_to_multiple_of=None):
     rows = [item["row"] for item in items]
     if isinstance(rows[0], PackedBatch):
         batch = collate_packed(rows)
+        if flatten:
+            batch = flatten_packed(batch, pad_id, pad_to_multiple_of)
     else:
         batch = pad_batch(rows, pad_id, pad_to_multiple_of)
     name = "visual_tokens" if "visual_tokens" in items[0] else "pixel_values"

@@ -3,7 +3,8 @@
 `pack` puts whole samples into rows of a fixed token budget (greedy first-fit by decreasing length;
 a sample, and so every image's token run, is never split), with position ids that restart at 0 for
 each sample and ``cu_seqlens`` for varlen attention; `collate_packed` stacks packed rows for a
-DataLoader. `pad_batch` is the plain alternative: one sample per row, right padding, an attention
+DataLoader, and `flatten_packed` turns such a batch into one row of its real tokens (padding-free:
+varlen attention never needed the row boundaries, so the layers skip the rows' padding tails). `pad_batch` is the plain alternative: one sample per row, right padding, an attention
 mask. Labels are never shifted here (the model shifts) and are -100 on padding.
 """
 
@@ -139,6 +140,55 @@ def collate_packed(batches):
                                         for r, b in enumerate(batches)]),
         "image_is_target": torch.cat([b.image_is_target for b in batches]).to(torch.bool),
     }
+
+
+def flatten_packed(batch, pad_id, pad_to_multiple_of=None):
+    """A `collate_packed` batch as one row of its real tokens, in row order: the rows' padding tails
+    are dropped, so the model computes nothing for them (samples stay whole and never attend across
+    a boundary; ``cu_seqlens`` carries the boundaries as before).
+
+    Returns a new dict of the same keys: input_ids, labels, position_ids, segment_ids ``[1, N]``
+    (segment ``k`` is the k-th sample of the batch in row order; -1 on padding), cu_seqlens,
+    max_seqlen, sample_ids (one list holding every row's ids), image_slots (positions in the flat
+    row), image_batch_index (all 0); image_keys, image_is_target and any other entry (``visual_tokens``,
+    ``pixel_values``) unchanged, so image ``j`` is still ``image_keys[j]``. N is the number of real
+    tokens, rounded up to a multiple of ``pad_to_multiple_of`` with ``pad_id`` padding (a segment
+    of its own, labels -100) when given.
+    """
+    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of must be None or a positive int, got {pad_to_multiple_of!r}")
+    if "segment_ids" not in batch or batch["segment_ids"].dim() != 2:
+        raise ValueError("flatten_packed needs a collate_packed batch (with segment_ids [B, budget])")
+    segment_ids = batch["segment_ids"]
+    real = segment_ids >= 0
+    counts = real.sum(1)
+    n = int(counts.sum())
+    if n == 0:
+        raise ValueError("flatten_packed got a batch without real tokens")
+    total = n if pad_to_multiple_of is None else -(-n // pad_to_multiple_of) * pad_to_multiple_of
+    row_start = torch.cumsum(counts, 0) - counts  # where each row's tokens begin in the flat row
+    segments_before = torch.cumsum(segment_ids.amax(1) + 1, 0) - (segment_ids.amax(1) + 1)
+
+    def flat(name, fill):
+        out = torch.full((1, total), fill, dtype=batch[name].dtype)
+        out[0, :n] = batch[name][real]
+        return out
+
+    flat_segments = torch.full((1, total), -1, dtype=torch.int64)
+    flat_segments[0, :n] = (segment_ids + segments_before[:, None])[real]
+    lengths = torch.bincount(flat_segments[0, :n], minlength=int(flat_segments.max()) + 1 if n else 0)
+    bounds = [0] + torch.cumsum(lengths, 0).tolist()
+    if total > n:
+        bounds.append(total)
+    out = dict(batch)
+    out.update(
+        input_ids=flat("input_ids", pad_id), labels=flat("labels", IGNORE_INDEX), position_ids=flat("position_ids", 0),
+        segment_ids=flat_segments, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=max([b - a for a, b in zip(bounds[:-1], bounds[1:])], default=1),
+        sample_ids=[[i for row in batch["sample_ids"] for i in row]],
+        image_slots=batch["image_slots"] + row_start[batch["image_batch_index"]],
+        image_batch_index=torch.zeros_like(batch["image_batch_index"]))
+    return out
 
 
 def pad_batch(samples, pad_id, pad_to_multiple_of=None):

@@ -57,7 +57,9 @@ class ModelConfig:
 class DataConfig:
     """source: ``shapes`` (the procedural dataset) or a LLaVA-style ``.json``/``.jsonl`` file
     (images under ``image_root``). budget: tokens per packed row (0: plain padded batches).
-    batch_size: rows per rank per micro-batch. precompute: encode every image once before training
+    batch_size: rows per rank per micro-batch. flatten: a packed micro-batch reaches the model as
+    one row of its rows' real tokens (`vpit_fast.data.flatten_packed`), so no compute goes to the
+    rows' padding tails; the rows still bound what one micro-batch holds. precompute: encode every image once before training
     (the tower then never runs in the loop). shapes_*: size, image side and seed of the shapes data
     (``eval_size`` records of its held-out split are evaluated); shapes_tasks: the train split's
     task cycle (a name may repeat to weigh the mix; empty: every task once), the held-out split
@@ -69,6 +71,7 @@ class DataConfig:
     image_root: str = ""
     budget: int = 1024
     batch_size: int = 4
+    flatten: bool = True
     num_workers: int = 0
     precompute: bool = True
     on_error: str = "skip"

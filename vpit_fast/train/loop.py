@@ -197,7 +197,8 @@ def build_data(config, model, runtime):
     else:
         images, processor = source, model.visual.processor
     common = dict(tokenizer=model.tokenizer, images=images, num_visual_tokens=model.config.num_visual_tokens,
-                  processor=processor, budget=d.budget or None, on_error=d.on_error, seed=config.seed)
+                  processor=processor, budget=d.budget or None, on_error=d.on_error, seed=config.seed,
+                  flatten=d.flatten)
     train_set = VPiTDataset(train_records, **common)
     eval_set = VPiTDataset(eval_records, **common) if eval_records else None
     return train_set, eval_set, eval_records
