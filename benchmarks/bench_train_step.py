@@ -177,7 +177,8 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat):
     step()
     torch.cuda.reset_peak_memory_stats()
     ms = measure(benchmark, step, warmup=3, reps=10)
-    benchmark.extra_info.update(optimizer=optimizer.implementation, flat=flat, rows_tokens=int(batch["input_ids"].numel()))
+    benchmark.extra_info.update(optimizer=optimizer.implementation, flat=flat,
+                                rows_tokens=int(batch["input_ids"].numel()))
     name = (f"ours-{rows}rows-{'compiled' if compiled else 'eager'}" + ("-torch-adamw" if adamw == "torch" else "")
             + ("" if flat else "-padded"))
     report(benchmark, name, ms, samples, base,

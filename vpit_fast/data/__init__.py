@@ -10,8 +10,8 @@ from vpit_fast.data.tokenizer import SPECIAL_TOKENS, build_tokenizer, normalize_
 
 __all__ = ["HELD_OUT", "IGNORE_INDEX", "SPECIAL_TOKENS", "TASKS", "MalformedRecord", "PackedBatch", "Sample",
            "Scene", "Shape", "ShapesDataset", "build_tokenizer", "collate_packed", "encode_all",
-           "encode_conversation", "flatten_packed", "key_to_scene", "normalize_text", "pack", "pad_batch", "render",
-           "scene_to_key", "vocabulary"]
+           "encode_conversation", "flatten_packed", "key_to_scene", "normalize_text", "pack", "pad_batch",
+           "render", "scene_to_key", "vocabulary"]
 
 # The training data pipeline: record files, image sources, the dataset and its DataLoader.
 from vpit_fast.data.conversations import chat_template  # noqa: E402

@@ -337,9 +337,9 @@ class VPiTDataset(Dataset):
 
 def collate(items, pad_id, pad_to_multiple_of=None, flatten=False):
     """Items of `VPiTDataset` -> one batch dict: `collate_packed` of the rows (packed mode; then
-    `flatten_packed` with ``flatten``) or `pad_batch` of the samples (plain mode), plus ``"pixel_values"`` ``[M, 3, H, W]`` or
-    ``"visual_tokens"`` ``[M, T, Dv]``: every item's images concatenated, so image ``j`` is
-    ``batch["image_keys"][j]`` at row ``image_batch_index[j]``, slot ``image_slots[j]``."""
+    `flatten_packed` with ``flatten``) or `pad_batch` of the samples (plain mode), plus
+    ``"pixel_values"`` ``[M, 3, H, W]`` or ``"visual_tokens"`` ``[M, T, Dv]``: every item's images
+    concatenated, so image ``j`` is ``batch["image_keys"][j]`` at row ``image_batch_index[j]``, slot ``image_slots[j]``."""
     if not items:
         raise ValueError("collate needs at least one item")
     rows = [item["row"] for item in items]

@@ -4,8 +4,9 @@
 a sample, and so every image's token run, is never split), with position ids that restart at 0 for
 each sample and ``cu_seqlens`` for varlen attention; `collate_packed` stacks packed rows for a
 DataLoader, and `flatten_packed` turns such a batch into one row of its real tokens (padding-free:
-varlen attention never needed the row boundaries, so the layers skip the rows' padding tails). `pad_batch` is the plain alternative: one sample per row, right padding, an attention
-mask. Labels are never shifted here (the model shifts) and are -100 on padding.
+varlen attention never needed the row boundaries, so the layers skip the rows' padding tails).
+`pad_batch` is the plain alternative: one sample per row, right padding, an attention mask.
+Labels are never shifted here (the model shifts) and are -100 on padding.
 """
 
 from dataclasses import dataclass, field
@@ -167,7 +168,8 @@ def flatten_packed(batch, pad_id, pad_to_multiple_of=None):
         raise ValueError("flatten_packed got a batch without real tokens")
     total = n if pad_to_multiple_of is None else -(-n // pad_to_multiple_of) * pad_to_multiple_of
     row_start = torch.cumsum(counts, 0) - counts  # where each row's tokens begin in the flat row
-    segments_before = torch.cumsum(segment_ids.amax(1) + 1, 0) - (segment_ids.amax(1) + 1)
+    segments = segment_ids.amax(1) + 1  # samples per row
+    segments_before = torch.cumsum(segments, 0) - segments
 
     def flat(name, fill):
         out = torch.full((1, total), fill, dtype=batch[name].dtype)
@@ -176,7 +178,7 @@ def flatten_packed(batch, pad_id, pad_to_multiple_of=None):
 
     flat_segments = torch.full((1, total), -1, dtype=torch.int64)
     flat_segments[0, :n] = (segment_ids + segments_before[:, None])[real]
-    lengths = torch.bincount(flat_segments[0, :n], minlength=int(flat_segments.max()) + 1 if n else 0)
+    lengths = torch.bincount(flat_segments[0, :n])  # segments run 0, 1, ... in order
     bounds = [0] + torch.cumsum(lengths, 0).tolist()
     if total > n:
         bounds.append(total)
