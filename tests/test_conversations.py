@@ -277,10 +277,8 @@ def test_flatten_packed(tok, shape_samples, multiple):
     # one boundary per sample, each segment one sample, its positions counting from 0
     ids = [i for row in rows for i in row.sample_ids]
     assert flat["sample_ids"] == [ids]
-    lengths = [len(s) for row in rows for s in [next(x for x in shape_samples if x.id == i) for i in row.sample_ids]]
-    bounds = [0]
-    for length in lengths:
-        bounds.append(bounds[-1] + length)
+    lengths = [int(n) for row in rows for n in row.cu_seqlens.diff()]
+    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
     assert flat["cu_seqlens"].dtype == torch.int32
     assert flat["cu_seqlens"].tolist() == bounds + ([total] if total > n else [])
     assert flat["max_seqlen"] == max(lengths + [total - n])
