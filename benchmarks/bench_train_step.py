@@ -12,7 +12,9 @@ random weights, forward + backward + optimizer step on one GPU.
   (`compile=true`); 2, 4 or 8 packed rows per step, flattened into one row of their real tokens
   as `vpit-train` does (`data.flatten`, `flatten_packed`; the compiled blocks first see another
   token count, so their dynamic-shape code is timed, as in training) or as padded ``[rows, 4096]``
-  (the ``-padded`` cases).
+  (the ``-padded`` cases); ``-accumulate2``: two 8-row micro-batches per optimizer step, as
+  `vpit-train`'s gradient accumulation runs (the optimizer's fixed cost spread over twice the
+  tokens).
 - official style: HF LLaMA with SDPA on padded batches (one sample per row), the input embeddings
   assembled by a Python loop over images, logits for every position upcast to fp32, a separate
   cosine loss, the channels-first ``F.interpolate`` path; fp32 parameters under bf16 autocast with
@@ -125,12 +127,12 @@ def report(benchmark, name, ms, samples, model, peak):
 
 
 @requires_cuda
-@pytest.mark.parametrize("compiled, rows, adamw, flat", [
-    (False, 2, "vpit", True), (True, 2, "vpit", True), (True, 2, "vpit", False), (True, 2, "torch", True),
-    (True, 4, "vpit", True), (True, 4, "vpit", False), (True, 8, "vpit", True)],
+@pytest.mark.parametrize("compiled, rows, adamw, flat, accumulate", [
+    (False, 2, "vpit", True, 1), (True, 2, "vpit", True, 1), (True, 2, "vpit", False, 1), (True, 2, "torch", True, 1),
+    (True, 4, "vpit", True, 1), (True, 4, "vpit", False, 1), (True, 8, "vpit", True, 1), (True, 8, "vpit", True, 2)],
     ids=["eager-2rows", "compiled-2rows", "compiled-2rows-padded", "compiled-2rows-torch-adamw", "compiled-4rows",
-         "compiled-4rows-padded", "compiled-8rows"])
-def test_ours(benchmark, setup, compiled, rows, adamw, flat):
+         "compiled-4rows-padded", "compiled-8rows", "compiled-8rows-accumulate2"])
+def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate):
     import copy
 
     from vpit_fast import interpolate_tokens
@@ -140,7 +142,6 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat):
     from vpit_fast.train.optim import param_groups
 
     base = setup
-    samples, raw = samples_and_raw(base, rows)
     model = copy.deepcopy(base).to(torch.bfloat16)  # vpit-train on one GPU: bf16 parameters
     if compiled:  # torch.compile per decoder block, as vpit-train's compile=true does
         from vpit_fast.train.parallel import apply_compile
@@ -149,39 +150,48 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat):
     # fp32 masters as build_optimizer gives bf16 parameters; "vpit" is the fused kernel, "torch"
     # torch's fused AdamW between casts
     optimizer = MasterWeightAdamW(param_groups(model, 0.0), lr=1e-5, betas=(0.9, 0.95), impl=adamw)
-    packed = pack(samples, BUDGET, pad_id=0)
-    assert len(packed) == rows, f"{len(packed)} rows"
-    collated = collate_packed(packed)
-    if flat:  # what vpit-train does (data.flatten): one row of the real tokens, no padding tails
-        collated = flatten_packed(collated, pad_id=0)
-        # another token count first, so the compiled blocks run the dynamic-shape code that
-        # training, whose token count changes every step, runs
-        other = collate_packed(pack(samples[:-3], BUDGET, pad_id=0))
-        warm = VPiTModel.batch_inputs(flatten_packed(other, pad_id=0), "cuda")
-    batch = VPiTModel.batch_inputs(collated, "cuda")
-    # raw holds the images in sample order; the packed rows list them in row order
-    position = {key: n for n, key in enumerate(k for s in samples for k in s.image_keys)}
-    raw_in_order = raw[torch.tensor([position[k] for r in packed for k in r.image_keys], device="cuda")]
+
+    def micro_batch(seed):
+        """(model inputs, tower outputs in row order, samples) of ``rows`` packed rows."""
+        samples, raw = samples_and_raw(base, rows, seed=seed)
+        packed = pack(samples, BUDGET, pad_id=0)
+        assert len(packed) == rows, f"{len(packed)} rows"
+        collated = collate_packed(packed)
+        if flat:  # what vpit-train does (data.flatten): one row of the real tokens, no padding tails
+            collated = flatten_packed(collated, pad_id=0)
+        # raw holds the images in sample order; the packed rows list them in row order
+        position = {key: n for n, key in enumerate(k for s in samples for k in s.image_keys)}
+        order = torch.tensor([position[k] for r in packed for k in r.image_keys], device="cuda")
+        return VPiTModel.batch_inputs(collated, "cuda"), raw[order], samples
+
+    # ``accumulate`` micro-batches per optimizer step, as vpit-train's gradient accumulation runs
+    micro_batches = [micro_batch(seed) for seed in range(accumulate)]
 
     def step():
-        tokens = interpolate_tokens(raw_in_order, out_size=8)
-        out = model(**batch, visual_tokens=tokens)
-        out.loss.backward()
+        for batch, raw_in_order, _ in micro_batches:
+            tokens = interpolate_tokens(raw_in_order, out_size=8)
+            out = model(**batch, visual_tokens=tokens)
+            out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     if flat:
-        out = model(**warm, visual_tokens=interpolate_tokens(raw_in_order[:len(other["image_keys"])], out_size=8))
+        # another token count first, so the compiled blocks run the dynamic-shape code that
+        # training, whose token count changes every step, runs
+        samples = micro_batches[0][2]
+        other = collate_packed(pack(samples[:-3], BUDGET, pad_id=0))
+        warm = VPiTModel.batch_inputs(flatten_packed(other, pad_id=0), "cuda")
+        out = model(**warm, visual_tokens=interpolate_tokens(micro_batches[0][1][:len(other["image_keys"])], out_size=8))
         out.loss.backward()
         optimizer.zero_grad(set_to_none=True)
     step()
     torch.cuda.reset_peak_memory_stats()
     ms = measure(benchmark, step, warmup=3, reps=10)
-    benchmark.extra_info.update(optimizer=optimizer.implementation, flat=flat,
-                                rows_tokens=int(batch["input_ids"].numel()))
+    benchmark.extra_info.update(optimizer=optimizer.implementation, flat=flat, accumulate=accumulate,
+                                rows_tokens=sum(int(b["input_ids"].numel()) for b, _, _ in micro_batches))
     name = (f"ours-{rows}rows-{'compiled' if compiled else 'eager'}" + ("-torch-adamw" if adamw == "torch" else "")
-            + ("" if flat else "-padded"))
-    report(benchmark, name, ms, samples, base,
+            + ("" if flat else "-padded") + (f"-accumulate{accumulate}" if accumulate > 1 else ""))
+    report(benchmark, name, ms, [s for _, _, samples in micro_batches for s in samples], base,
            torch.cuda.max_memory_allocated())
     del model, optimizer
     torch.cuda.empty_cache()

@@ -427,3 +427,31 @@ def test_on_a_gpu_monitor_reads_and_optimizer_is_fused():
     optimizer = build_optimizer(Tiny().cuda(), lr=1e-3, weight_decay=0.1)
     expected = "apex.FusedAdam" if apex_fused_adam() is not None else "torch.AdamW(fused)"
     assert optimizer.implementation == expected
+
+
+def test_eager_blocks_swaps_compiled_blocks_out_and_back():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vpit_fast.train.parallel import apply_compile, decoder_layers, eager_blocks
+
+    class Holder(torch.nn.Module):  # decoder_layers reads model.llm.base_model.layers
+        def __init__(self):
+            super().__init__()
+            self.llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                    num_hidden_layers=2, vocab_size=64))
+
+    model = Holder()
+    originals = list(decoder_layers(model))
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        want = model.llm(ids).logits
+    apply_compile(model)  # compiles lazily: nothing below calls a compiled block
+    compiled = list(decoder_layers(model))
+    assert all(c is not o and c._orig_mod is o for c, o in zip(compiled, originals))
+    with eager_blocks(model), torch.no_grad():
+        assert all(a is b for a, b in zip(decoder_layers(model), originals))
+        assert torch.equal(model.llm(ids).logits, want)
+    assert all(a is b for a, b in zip(decoder_layers(model), compiled))
+    with pytest.raises(RuntimeError, match="inside"), eager_blocks(model):
+        raise RuntimeError("inside")
+    assert all(a is b for a, b in zip(decoder_layers(model), compiled))

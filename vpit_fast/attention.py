@@ -11,7 +11,8 @@ Backends, first usable wins (`backend_name` says which one a device gets):
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func``, when the package imports (CUDA, fp16/bf16).
 - ``torch_varlen``: PyTorch's built-in FlashAttention, ``torch.nn.attention.varlen.varlen_attn``
   (CUDA, fp16/bf16). It has no dropout, so training with attention dropout skips it; its optional
-  arguments (scale, window, GQA) are used when this torch has them, emulated otherwise.
+  arguments (scale, window, GQA) are used when this torch has them, emulated otherwise (GQA
+  without ``enable_gqa``: ATen's FlashAttention ops called directly, which read grouped K/V).
 - ``sdpa_per_segment``: exact fallback for CPU and everything above cannot take: one causal SDPA
   call per segment. Chosen over one block-diagonal masked SDPA call because it never builds a
   ``[T, T]`` mask nor computes the masked-out blocks; its cost is a Python loop over segments and
@@ -125,6 +126,34 @@ def _run_flash_attn(q, k, v, cu, max_seqlen, scale, dropout, sliding_window):
     return out[0] if isinstance(out, tuple) else out
 
 
+# ATen's FlashAttention ops as `_GroupedFlashVarlen` calls them (with a left window size)
+_ATEN_FLASH_HAS_WINDOW = "window_size_left" in {
+    a.name for a in torch.ops.aten._flash_attention_forward.default._schema.arguments}
+
+
+class _GroupedFlashVarlen(torch.autograd.Function):
+    """Causal varlen attention through ATen's FlashAttention-2 ops with ``Hkv < H`` heads of K/V
+    (the kernels map query head h to K/V head ``h // (H // Hkv)``, as `_repeat_kv_heads` does, and
+    sum the group's K/V gradients themselves). No dropout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen, scale, window_left):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale,
+            window_size_left=window_left)
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng_state, unused)
+        ctx.max_seqlen, ctx.scale, ctx.window_left = max_seqlen, scale, window_left
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, 0.0, True,
+            rng_state, unused, scale=ctx.scale, window_size_left=ctx.window_left)
+        return dq, dk, dv, None, None, None, None
+
+
 def _run_torch_varlen(q, k, v, cu, max_seqlen, scale, sliding_window):
     fn, params = _torch_varlen_attn()
     kwargs = {}
@@ -142,6 +171,13 @@ def _run_torch_varlen(q, k, v, cu, max_seqlen, scale, sliding_window):
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
+        elif _ATEN_FLASH_HAS_WINDOW:
+            # This torch's varlen_attn wants as many K/V heads as query heads; its FlashAttention-2
+            # kernels read grouped heads natively, so call them directly rather than expanding K/V
+            # to every query head (a copy in forward, a group sum in backward, group-size times
+            # the K/V reads).
+            left = sliding_window - 1 if _window_active(sliding_window, max_seqlen) else None
+            return _GroupedFlashVarlen.apply(q, k, v, cu, max_seqlen, kwargs.get("scale"), left)
         else:
             k, v = _repeat_kv_heads(k, v, q.shape[1])
     out = fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)

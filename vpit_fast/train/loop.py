@@ -33,7 +33,8 @@ from vpit_fast.train.metrics import (GpuMonitor, MetricsLogger, flops_per_token,
                                      peak_flops_for_device, plot_losses, progress_bar)
 from vpit_fast.train.optim import build_optimizer, build_scheduler
 from vpit_fast.train.overrides import save_yaml
-from vpit_fast.train.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, setup_runtime
+from vpit_fast.train.parallel import (apply_activation_checkpointing, apply_compile, apply_fsdp, eager_blocks,
+                                      setup_runtime)
 
 __all__ = ["main", "train"]
 
@@ -431,7 +432,8 @@ def train(config):
         model.visual = encoder.to(runtime.device, getattr(torch, config.model.dtype))
     results = {"step": step, "out_dir": str(out_dir), "export": str(export_dir)}
     if config.evaluate and eval_set is not None:
-        results.update(evaluate(model, eval_set, eval_records, config, runtime))
+        with eager_blocks(model):
+            results.update(evaluate(model, eval_set, eval_records, config, runtime))
         metrics.log({"step": step, **{f"eval_{k}": v for k, v in results.items() if isinstance(v, float)}})
         log(runtime, "held-out evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
                                                           if isinstance(v, float)))

@@ -11,13 +11,14 @@ the fp32 masters, which skips the copies FSDP's all-gather and reduce-scatter ma
 rank (measured: 1B VPiT step 184 -> 123 ms compiled, benchmarks/RESULTS.md).
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "setup_runtime"]
+__all__ = ["Runtime", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "eager_blocks", "setup_runtime"]
 
 
 @dataclass
@@ -84,6 +85,27 @@ def apply_compile(model):
     layers = decoder_layers(model)
     for i, block in enumerate(layers):
         layers[i] = torch.compile(block, fullgraph=False)
+
+
+@contextlib.contextmanager
+def eager_blocks(model):
+    """Runs the decoder blocks uncompiled inside the ``with``: evaluation's no-grad forwards and
+    generation's KV-cached steps would each recompile the training graph (grad mode, batch shapes,
+    a guard on every block's layer index), past torch.compile's recompile limit. Blocks that FSDP2
+    manages stay as they are (their hooks live on the compiled wrapper; evaluation under FSDP2
+    loads the export instead)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = decoder_layers(model)
+    compiled = {i: block for i, block in enumerate(layers)
+                if hasattr(block, "_orig_mod") and not isinstance(block, FSDPModule)}
+    for i, block in compiled.items():
+        layers[i] = block._orig_mod
+    try:
+        yield model
+    finally:
+        for i, block in compiled.items():
+            layers[i] = block
 
 
 def apply_fsdp(model, param_dtype=torch.bfloat16):
