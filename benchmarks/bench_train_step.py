@@ -191,7 +191,8 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate):
                                 rows_tokens=sum(int(b["input_ids"].numel()) for b, _, _ in micro_batches))
     name = (f"ours-{rows}rows-{'compiled' if compiled else 'eager'}" + ("-torch-adamw" if adamw == "torch" else "")
             + ("" if flat else "-padded") + (f"-accumulate{accumulate}" if accumulate > 1 else ""))
-    report(benchmark, name, ms, [s for _, _, samples in micro_batches for s in samples], base,
+    all_samples = [s for _, _, batch_samples in micro_batches for s in batch_samples]
+    report(benchmark, name, ms, all_samples, base,
            torch.cuda.max_memory_allocated())
     del model, optimizer
     torch.cuda.empty_cache()
