@@ -299,7 +299,9 @@ def test_cuda_backends_match_cpu_fallback(kv_heads, sliding_window, dropout):
         out.backward(grad_out)
         assert rel_error(out.float().cpu(), want_out) > 1e-2 and torch.isfinite(x[0].grad).all()
         return
-    backends = available_backends("cuda")
+    # with the call's head_dim and max_seqlen, so our short-segment kernels are under test too
+    backends = available_backends("cuda", head_dim=64, max_seqlen=max_len if sliding_window is None else None)
+    assert sliding_window is not None or "segment" in backends
     try:
         has_torch_varlen = hasattr(importlib.import_module("torch.nn.attention.varlen"), "varlen_attn")
     except ImportError:

@@ -13,6 +13,11 @@ Backends, first usable wins (`backend_name` says which one a device gets):
   (CUDA, fp16/bf16). It has no dropout, so training with attention dropout skips it; its optional
   arguments (scale, window, GQA) are used when this torch has them, emulated otherwise (GQA
   without ``enable_gqa``: ATen's FlashAttention ops called directly, which read grouped K/V).
+- ``segment``: our CUDA kernels for short segments (`vpit_fast.ops.segment_attention`): bf16,
+  head_dim 64 or 128, every segment at most 256 tokens (``max_seqlen``), no dropout or window.
+  Correct, but on the H100 slower than FlashAttention-2 at the 1B shape (2.75 against 2.14 ms
+  per layer forward + backward; `benchmarks/RESULTS.md`), so it comes after the FlashAttention
+  backends: what torch builds without ``varlen_attn`` use instead of the per-segment loop.
 - ``sdpa_per_segment``: exact fallback for CPU and everything above cannot take: one causal SDPA
   call per segment. Chosen over one block-diagonal masked SDPA call because it never builds a
   ``[T, T]`` mask nor computes the masked-out blocks; its cost is a Python loop over segments and
@@ -30,8 +35,10 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from vpit_fast.ops.segment_attention import unsupported_reason as segment_unsupported_reason
+
 ATTN_IMPLEMENTATION = "vpit_varlen"
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa_per_segment")
+BACKENDS = ("flash_attn", "torch_varlen", "segment", "sdpa_per_segment")
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -69,10 +76,15 @@ def _torch_varlen_attn():
     return _probe_backends()[1:]
 
 
-def _backend_usable(backend, device, dtype, dropout, needs_window):
-    """None when ``backend`` can run this call, else the reason it cannot."""
+def _backend_usable(backend, device, dtype, dropout, needs_window, head_dim=None, max_seqlen=None):
+    """None when ``backend`` can run this call, else the reason it cannot. ``segment`` also needs
+    the call's head_dim and max_seqlen (without them it is never chosen)."""
     if backend == "sdpa_per_segment":
         return None
+    if backend == "segment":
+        if head_dim is None or max_seqlen is None:
+            return "segment needs the call's head_dim and max_seqlen"
+        return segment_unsupported_reason(device, dtype, head_dim, max_seqlen, dropout, needs_window)
     if device.type != "cuda":
         return f"{backend} needs a CUDA device, got {device}"
     if not torch.cuda.is_available():
@@ -91,23 +103,25 @@ def _backend_usable(backend, device, dtype, dropout, needs_window):
     return None
 
 
-def _choose_backend(device, dtype, dropout, needs_window):
+def _choose_backend(device, dtype, dropout, needs_window, head_dim=None, max_seqlen=None):
     for backend in BACKENDS:
-        if _backend_usable(backend, device, dtype, dropout, needs_window) is None:
+        if _backend_usable(backend, device, dtype, dropout, needs_window, head_dim, max_seqlen) is None:
             return backend
     raise AssertionError("sdpa_per_segment is always usable")
 
 
-def backend_name(device, dtype=torch.bfloat16, dropout=0.0):
+def backend_name(device, dtype=torch.bfloat16, dropout=0.0, head_dim=None, max_seqlen=None):
     """The backend `varlen_attention` picks for causal attention on ``device`` with inputs of
-    ``dtype`` and this attention ``dropout`` (no active sliding window): one of `BACKENDS`."""
-    return _choose_backend(torch.device(device), dtype, dropout, needs_window=False)
+    ``dtype`` and this attention ``dropout`` (no active sliding window): one of `BACKENDS`.
+    ``segment`` is considered only when ``head_dim`` and ``max_seqlen`` are given."""
+    return _choose_backend(torch.device(device), dtype, dropout, False, head_dim, max_seqlen)
 
 
-def available_backends(device, dtype=torch.bfloat16):
-    """Every backend of `BACKENDS` that can run causal attention without dropout on ``device``."""
+def available_backends(device, dtype=torch.bfloat16, head_dim=None, max_seqlen=None):
+    """Every backend of `BACKENDS` that can run causal attention without dropout on ``device``
+    (``segment`` only when ``head_dim`` and ``max_seqlen`` are given)."""
     device = torch.device(device)
-    return [b for b in BACKENDS if _backend_usable(b, device, dtype, 0.0, False) is None]
+    return [b for b in BACKENDS if _backend_usable(b, device, dtype, 0.0, False, head_dim, max_seqlen) is None]
 
 
 # --------------------------------------------------------------------------- the three backends
@@ -270,13 +284,17 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen, *, scale=None, d
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     needs_window = _window_active(sliding_window, max_seqlen)
+    shape = (query.shape[-1], max_seqlen)
     if backend is None:
-        backend = _choose_backend(query.device, query.dtype, dropout, needs_window)
+        backend = _choose_backend(query.device, query.dtype, dropout, needs_window, *shape)
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    elif (reason := _backend_usable(backend, query.device, query.dtype, dropout, needs_window)):
+    elif (reason := _backend_usable(backend, query.device, query.dtype, dropout, needs_window, *shape)):
         raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
 
+    if backend == "segment":
+        return torch.ops.vpit_fast.segment_attention(query, key, value, cu_seqlens, max_seqlen,
+                                                     scale if scale is not None else query.shape[-1] ** -0.5)[0]
     if backend == "flash_attn":
         return _run_flash_attn(query, key, value, cu_seqlens, max_seqlen, scale, dropout, sliding_window)
     if backend == "torch_varlen":

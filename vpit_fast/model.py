@@ -318,10 +318,13 @@ class VPiTModel(nn.Module):
         next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         Dv = self.config.visual_dim
         if visual_tokens is not None and visual_tokens.shape[0] > 0:
-            target = image_is_target.to(visual_tokens.device)
-            positions = self._slot_positions(image_slots[target], image_batch_index[target], T)
+            # The generation targets' indices, found where the flags live: on the host (as
+            # batch_inputs leaves them) that costs no device sync, unlike a boolean mask on the GPU.
+            index = image_is_target.nonzero().reshape(-1).to(visual_tokens.device, non_blocking=True)
+            positions = self._slot_positions(image_slots.index_select(0, index),
+                                             image_batch_index.index_select(0, index), T)
             rows = (positions - 1).reshape(-1)  # each slot is predicted from the position before it
-            targets = visual_tokens[target].reshape(-1, Dv)
+            targets = visual_tokens.index_select(0, index).reshape(-1, Dv)
         else:
             rows = torch.zeros(0, dtype=torch.int64, device=hidden.device)
             targets = hidden.new_zeros(0, Dv)
@@ -383,11 +386,13 @@ class VPiTModel(nn.Module):
     @classmethod
     def batch_inputs(cls, batch, device=None):
         """The forward arguments of a collated batch (`vpit_fast.data.collate_packed` or
-        `pad_batch` output, plus ``pixel_values`` or ``visual_tokens``), moved to ``device``."""
+        `pad_batch` output, plus ``pixel_values`` or ``visual_tokens``), moved to ``device``;
+        ``image_is_target`` stays where it is (the loss selects the generation targets with it,
+        which on the host needs no device sync)."""
         out = {}
         for key in cls._BATCH_KEYS:
             value = batch.get(key)
-            if isinstance(value, torch.Tensor) and device is not None:
+            if isinstance(value, torch.Tensor) and device is not None and key != "image_is_target":
                 value = value.to(device, non_blocking=True)
             if value is not None:
                 out[key] = value

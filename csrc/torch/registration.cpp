@@ -9,6 +9,7 @@
 #include "interpolate_tokens.h"
 #include "master_adamw.h"
 #include "scale_inplace.h"
+#include "segment_attention.h"
 
 TORCH_LIBRARY(vpit_fast, m) {
   m.def("interpolate_tokens(Tensor x, int in_h, int in_w, int out_h, int out_w, bool normalize) -> Tensor");
@@ -38,6 +39,11 @@ TORCH_LIBRARY(vpit_fast, m) {
   m.def("master_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] exp_avgs, "
         "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
         "float weight_decay) -> ()");
+  m.def("segment_attention(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens, int max_seqlen, "
+        "float scale) -> (Tensor out, Tensor lse)");
+  m.def("segment_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+        "Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor grad_query, Tensor grad_key, "
+        "Tensor grad_value)");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
@@ -68,5 +74,7 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("decode_gate_up", &vpit::decode_gate_up);
   m.impl("decode_proj_add_", &vpit::decode_proj_add_);
   m.impl("master_adamw_", &vpit::master_adamw_cuda);
+  m.impl("segment_attention", &vpit::segment_attention_cuda);  // CUDA only
+  m.impl("segment_attention_backward", &vpit::segment_attention_backward_cuda);
 }
 #endif
