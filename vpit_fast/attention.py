@@ -124,7 +124,7 @@ def available_backends(device, dtype=torch.bfloat16, head_dim=None, max_seqlen=N
     return [b for b in BACKENDS if _backend_usable(b, device, dtype, 0.0, False, head_dim, max_seqlen) is None]
 
 
-# --------------------------------------------------------------------------- the three backends
+# --------------------------------------------------------------------------- FlashAttention and per-segment SDPA
 
 def _window_active(sliding_window, max_seqlen):
     """transformers' sliding window (each query sees itself and the ``sliding_window - 1`` keys
