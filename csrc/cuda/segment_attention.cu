@@ -189,31 +189,6 @@ struct Params {
   float scale, scale_log2;
 };
 
-// Query-row blocks (forward, dQ): block (segment, chunk of 64 rows) x query head stages the keys
-// and values its rows can see (causal: the segment's first rows_end) into ks and vs. Returns the
-// segment and rows_end, 0 when the chunk lies past the segment's end (the whole block returns).
-struct RowBlock {
-  Segment segment;
-  int chunk, rows_end;
-};
-
-template <typename T, int D>
-__device__ __forceinline__ RowBlock stage_visible_keys(const T* k, const T* v, const int32_t* cu, T* ks,
-                                                       T* vs, const Params& p) {
-  const int seg = blockIdx.x / p.chunks, chunk = blockIdx.x % p.chunks;
-  const Segment s = load_segment(cu, seg, p.tokens, p.max_seqlen);
-  const int row0 = chunk * kChunk;
-  if (row0 >= s.length) return {s, chunk, 0};
-  const int rows_end = min(row0 + kChunk, s.length);
-  const int staged = round_up(rows_end, kTile);
-  const int kh = blockIdx.y / p.group;
-  const int64_t kv_stride = int64_t(p.kv_heads) * D;
-  stage_rows<T, D>(ks, k + s.start * kv_stride + kh * D, kv_stride, staged, rows_end, threadIdx.x, kThreads);
-  stage_rows<T, D>(vs, v + s.start * kv_stride + kh * D, kv_stride, staged, rows_end, threadIdx.x, kThreads);
-  __syncthreads();
-  return {s, chunk, rows_end};
-}
-
 // ---- forward ---------------------------------------------------------------------------------
 
 // Block: (segment, chunk of 64 query rows) x query head. Each warp owns 16 rows: a first pass over
@@ -224,15 +199,21 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                const int32_t* __restrict__ cu, T* __restrict__ out, float* __restrict__ lse,
                Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int h = blockIdx.y;
+  const int seg = blockIdx.x / p.chunks, chunk = blockIdx.x % p.chunks, h = blockIdx.y;
+  const int kh = h / p.group;
+  const Segment s = load_segment(cu, seg, p.tokens, p.max_seqlen);
+  const int row0 = chunk * kChunk;
+  if (row0 >= s.length) return;
+  const int rows_end = min(row0 + kChunk, s.length);
+  const int staged = round_up(rows_end, kTile);  // keys 0 .. rows_end - 1 (causal)
+
   const ForwardLayout<T, D> layout{p.staged_rows};
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = reinterpret_cast<T*>(smem + layout.kv_bytes());
-  const RowBlock block = stage_visible_keys<T, D>(k, v, cu, ks, vs, p);
-  if (block.rows_end == 0) return;
-  const Segment s = block.segment;
-  const int chunk = block.chunk, rows_end = block.rows_end;
-  const int64_t q_stride = int64_t(p.heads) * D;
+  const int64_t kv_stride = int64_t(p.kv_heads) * D, q_stride = int64_t(p.heads) * D;
+  stage_rows<T, D>(ks, k + s.start * kv_stride + kh * D, kv_stride, staged, rows_end, threadIdx.x, kThreads);
+  stage_rows<T, D>(vs, v + s.start * kv_stride + kh * D, kv_stride, staged, rows_end, threadIdx.x, kThreads);
+  __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tile = chunk * kWarps + warp, i0 = tile * kTile;
@@ -339,15 +320,21 @@ grad_q_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* 
               const T* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ delta,
               const int32_t* __restrict__ cu, T* __restrict__ grad_q, Params p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const int h = blockIdx.y;
+  const int seg = blockIdx.x / p.chunks, chunk = blockIdx.x % p.chunks, h = blockIdx.y;
+  const int kh = h / p.group;
+  const Segment s = load_segment(cu, seg, p.tokens, p.max_seqlen);
+  const int row0 = chunk * kChunk;
+  if (row0 >= s.length) return;
+  const int rows_end = min(row0 + kChunk, s.length);
+  const int staged = round_up(rows_end, kTile);
+
   const GradQLayout<T, D> layout{p.staged_rows};
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = reinterpret_cast<T*>(smem + layout.kv_bytes());
-  const RowBlock block = stage_visible_keys<T, D>(k, v, cu, ks, vs, p);
-  if (block.rows_end == 0) return;
-  const Segment s = block.segment;
-  const int chunk = block.chunk, rows_end = block.rows_end;
-  const int64_t q_stride = int64_t(p.heads) * D;
+  const int64_t kv_stride = int64_t(p.kv_heads) * D, q_stride = int64_t(p.heads) * D;
+  stage_rows<T, D>(ks, k + s.start * kv_stride + kh * D, kv_stride, staged, rows_end, threadIdx.x, kThreads);
+  stage_rows<T, D>(vs, v + s.start * kv_stride + kh * D, kv_stride, staged, rows_end, threadIdx.x, kThreads);
+  __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tile = chunk * kWarps + warp, i0 = tile * kTile;
