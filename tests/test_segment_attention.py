@@ -155,3 +155,16 @@ def test_bad_shapes_raise_value_errors():
     with pytest.raises(ValueError, match="CUDA"):
         q = torch.zeros(3, 2, 64, dtype=torch.bfloat16)
         segment_attention(q, q, q, cu, 3)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_mismatched_cuda_inputs_raise_value_errors():
+    q = torch.zeros(5, 2, 64, device="cuda", dtype=torch.bfloat16)
+    cu = boundaries([5], "cuda")
+    with pytest.raises(ValueError, match="key must be torch.bfloat16"):
+        segment_attention(q, q.float(), q, cu, 5)
+    with pytest.raises(ValueError, match="cu_seqlens is on cpu"):
+        segment_attention(q, q, q, cu.cpu(), 5)
+    with pytest.raises(ValueError, match="at most 256 tokens"):
+        segment_attention(q, q, q, cu, 300)

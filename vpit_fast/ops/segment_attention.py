@@ -1,9 +1,11 @@
 """Causal attention within short packed segments: our CUDA kernels (csrc/cuda/segment_attention.cu)
 as a differentiable op that torch.compile traces as one node.
 
-`vpit_fast.attention` picks it (backend ``"segment"``) for bf16 packed batches on CUDA whose
-segments are all at most `MAX_SEQLEN` tokens with head_dim 64 or 128, where FlashAttention-2's
-varlen kernels run far from the memory floor. Inputs follow the varlen convention: query
+`vpit_fast.attention` offers it as backend ``"segment"`` for bf16 packed batches on CUDA whose
+segments are all at most `MAX_SEQLEN` tokens with head_dim 64 or 128, after the FlashAttention
+backends: on the H100 at the 1B shape it is slower than FlashAttention-2 (its two-pass forward;
+`benchmarks/RESULTS.md`, session 11), and faster than the per-segment SDPA loop that torch builds
+without ``varlen_attn`` would otherwise run. Inputs follow the varlen convention: query
 ``[N, H, D]``, key/value ``[N, Hkv, D]`` (``H % Hkv == 0``; GQA's K/V gradients are summed over
 each group inside the kernel), ``cu_seqlens`` ``[S + 1]`` int32 rising from 0 to N (trusted, as
 FlashAttention trusts it: checked on the host by `vpit_fast.attention.packed_attention_kwargs`).
@@ -79,9 +81,14 @@ def segment_attention(query, key, value, cu_seqlens, max_seqlen, scale=None):
                              f"{getattr(t, 'shape', type(t))}")
     if reason := unsupported_reason(query.device, query.dtype, query.shape[-1], int(max_seqlen)):
         raise ValueError(reason)
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype or t.device != query.device:
+            raise ValueError(f"{name} must be {query.dtype} on {query.device} like query, got {t.dtype} on {t.device}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be a 1-D tensor of at least 2 boundaries, got "
                          f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
+    if cu_seqlens.device != query.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but query on {query.device}")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     _extension.extension()
     out, _ = torch.ops.vpit_fast.segment_attention(query, key, value, cu_seqlens.to(torch.int32), int(max_seqlen),
