@@ -12,9 +12,9 @@ random weights, forward + backward + optimizer step on one GPU.
   (`compile=true`); 2, 4 or 8 packed rows per step, flattened into one row of their real tokens
   as `vpit-train` does (`data.flatten`, `flatten_packed`; the compiled blocks first see another
   token count, so their dynamic-shape code is timed, as in training) or as padded ``[rows, 4096]``
-  (the ``-padded`` cases); ``-accumulate2``: two 8-row micro-batches per optimizer step, as
-  `vpit-train`'s gradient accumulation runs (the optimizer's fixed cost spread over twice the
-  tokens).
+  (the ``-padded`` cases); ``-accumulate2`` / ``-accumulate4``: two or four 8-row micro-batches
+  per optimizer step, as `vpit-train`'s gradient accumulation runs (the optimizer's fixed cost
+  spread over more tokens).
 - official style: HF LLaMA with SDPA on padded batches (one sample per row), the input embeddings
   assembled by a Python loop over images, logits for every position upcast to fp32, a separate
   cosine loss, the channels-first ``F.interpolate`` path; fp32 parameters under bf16 autocast with
@@ -129,9 +129,11 @@ def report(benchmark, name, ms, samples, model, peak):
 @requires_cuda
 @pytest.mark.parametrize("compiled, rows, adamw, flat, accumulate", [
     (False, 2, "vpit", True, 1), (True, 2, "vpit", True, 1), (True, 2, "vpit", False, 1), (True, 2, "torch", True, 1),
-    (True, 4, "vpit", True, 1), (True, 4, "vpit", False, 1), (True, 8, "vpit", True, 1), (True, 8, "vpit", True, 2)],
+    (True, 4, "vpit", True, 1), (True, 4, "vpit", False, 1), (True, 8, "vpit", True, 1), (True, 8, "vpit", True, 2),
+    (True, 8, "vpit", True, 4)],
     ids=["eager-2rows", "compiled-2rows", "compiled-2rows-padded", "compiled-2rows-torch-adamw", "compiled-4rows",
-         "compiled-4rows-padded", "compiled-8rows", "compiled-8rows-accumulate2"])
+         "compiled-4rows-padded", "compiled-8rows", "compiled-8rows-accumulate2",
+         "compiled-8rows-accumulate4"])
 def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate):
     import copy
 

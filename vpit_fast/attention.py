@@ -8,16 +8,17 @@ flash-attention path uses (``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q`
 
 Backends, first usable wins (`backend_name` says which one a device gets):
 
+- ``segment``: our CUDA kernels for short segments (`vpit_fast.ops.segment_attention`): bf16,
+  head_dim 64 or 128, every segment at most 256 tokens (``max_seqlen``), no dropout or window.
+  First because MetaMorph-like samples are that short: on the H100 at the 1B shape it takes
+  1.14 ms per layer forward + backward against FlashAttention-2's 2.14 ms
+  (`benchmarks/RESULTS.md`, session 12). Longer segments, fp16, other head sizes, dropout and
+  windows go to the backends below.
 - ``flash_attn``: ``flash_attn.flash_attn_varlen_func``, when the package imports (CUDA, fp16/bf16).
 - ``torch_varlen``: PyTorch's built-in FlashAttention, ``torch.nn.attention.varlen.varlen_attn``
   (CUDA, fp16/bf16). It has no dropout, so training with attention dropout skips it; its optional
   arguments (scale, window, GQA) are used when this torch has them, emulated otherwise (GQA
   without ``enable_gqa``: ATen's FlashAttention ops called directly, which read grouped K/V).
-- ``segment``: our CUDA kernels for short segments (`vpit_fast.ops.segment_attention`): bf16,
-  head_dim 64 or 128, every segment at most 256 tokens (``max_seqlen``), no dropout or window.
-  Correct, but on the H100 slower than FlashAttention-2 at the 1B shape (2.75 against 2.14 ms
-  per layer forward + backward; `benchmarks/RESULTS.md`), so it comes after the FlashAttention
-  backends: what torch builds without ``varlen_attn`` use instead of the per-segment loop.
 - ``sdpa_per_segment``: exact fallback for CPU and everything above cannot take: one causal SDPA
   call per segment. Chosen over one block-diagonal masked SDPA call because it never builds a
   ``[T, T]`` mask nor computes the masked-out blocks; its cost is a Python loop over segments and
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from vpit_fast.ops.segment_attention import unsupported_reason as segment_unsupported_reason
 
 ATTN_IMPLEMENTATION = "vpit_varlen"
-BACKENDS = ("flash_attn", "torch_varlen", "segment", "sdpa_per_segment")
+BACKENDS = ("segment", "flash_attn", "torch_varlen", "sdpa_per_segment")
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -1,12 +1,13 @@
 // Causal attention within short packed segments (every segment at most kSegmentMaxSeqlen tokens),
-// forward and backward, on tensor cores (WMMA, bf16 in, fp32 accumulate). Framework-free:
-// plain pointers, a stream, an error code.
+// forward and backward, on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate).
+// Framework-free: plain pointers, a stream, an error code.
 //
 // Why a kernel of our own: FlashAttention-2's varlen kernels tile 128 query rows per block and
 // pay fixed costs per (segment, head) block; MetaMorph-like samples are ~50-250 tokens, where
-// those kernels run at a few percent of the memory floor. Here one block stages a whole
-// segment's keys and values (or queries and output gradients) in shared memory and walks it in
-// 16-row tiles, and the K/V gradients of a GQA group are summed inside the block, without atomics.
+// those kernels run far from the memory floor. Here one block stages the keys and values a chunk
+// of 64 rows sees, once for a whole GQA group of query heads; each warp keeps a 16-row tile's
+// scores, probabilities and gradients in registers (one online-softmax pass in the forward), and
+// the K/V gradients of a GQA group are summed inside the block, without atomics.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cstdint>
@@ -39,7 +40,8 @@ cudaError_t segment_attention_forward(const void* q, const void* k, const void* 
                                       DType dtype, const SegmentAttentionShape& shape,
                                       cudaStream_t stream);
 
-// Gradients of the forward above. delta: [H, N] fp32 workspace (rowsum(grad_out * out)).
+// Gradients of the forward above. delta: [H, N] fp32 workspace (rowsum(grad_out * out), written
+// by the dQ kernel and read by the dK/dV kernel).
 cudaError_t segment_attention_backward(const void* grad_out, const void* q, const void* k,
                                        const void* v, const void* out, const float* lse,
                                        const int32_t* cu_seqlens, void* grad_q, void* grad_k,

@@ -1,11 +1,10 @@
 """Causal attention within short packed segments: our CUDA kernels (csrc/cuda/segment_attention.cu)
 as a differentiable op that torch.compile traces as one node.
 
-`vpit_fast.attention` offers it as backend ``"segment"`` for bf16 packed batches on CUDA whose
-segments are all at most `MAX_SEQLEN` tokens with head_dim 64 or 128, after the FlashAttention
-backends: on the H100 at the 1B shape it is slower than FlashAttention-2 (its two-pass forward;
-`benchmarks/RESULTS.md`, session 11), and faster than the per-segment SDPA loop that torch builds
-without ``varlen_attn`` would otherwise run. Inputs follow the varlen convention: query
+`vpit_fast.attention` offers it as backend ``"segment"``, its first choice for bf16 packed
+batches on CUDA whose segments are all at most `MAX_SEQLEN` tokens with head_dim 64 or 128: on
+the H100 at the 1B shape it is 1.9x as fast as FlashAttention-2 per layer, forward + backward
+(`benchmarks/RESULTS.md`, session 12). Inputs follow the varlen convention: query
 ``[N, H, D]``, key/value ``[N, Hkv, D]`` (``H % Hkv == 0``; GQA's K/V gradients are summed over
 each group inside the kernel), ``cu_seqlens`` ``[S + 1]`` int32 rising from 0 to N (trusted, as
 FlashAttention trusts it: checked on the host by `vpit_fast.attention.packed_attention_kwargs`).
