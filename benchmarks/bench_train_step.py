@@ -20,10 +20,11 @@ random weights, forward + backward + optimizer step on one GPU.
   cosine loss, the channels-first ``F.interpolate`` path; fp32 parameters under bf16 autocast with
   fused AdamW (what HF Trainer's ``bf16=True`` does on one GPU).
 
-Reported in extra_info: step time, tokens/s (real tokens), MFU (6N + 12·L·H·T FLOPs per token at
-989 TFLOP/s dense bf16; N without the tied embedding, so the LM head is not counted),
-``mfu_with_lm_head`` (adds the LM head's 6·H·V FLOPs per text target, the rows it runs on), peak
-memory, and the ratio to ours. For reference (issue text): a pure-text
+Reported in extra_info: step time, tokens/s (real tokens), MFU at 989 TFLOP/s dense bf16 counted
+by `vpit_fast.train.metrics.VPiTFlops`: ``mfu`` the decoder alone (6N + 12·L·H·T per token, N the
+decoder's weights), ``mfu_with_heads`` adding the LM head on text targets, the vision head on
+visual targets and the adapter on image slots (the rows each runs on); peak memory, and the ratio
+to ours. For reference (issue text): a pure-text
 HF LLaMA step at this shape reached 0.447 MFU on the H100.
 Run: pytest benchmarks/bench_train_step.py --benchmark-only
 """
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import measure, requires_cuda
+from vpit_fast.train.metrics import VPiTFlops
 
 BUDGET = 4096  # tokens per packed row
 N_VISUAL, RAW_GRID, VISUAL_DIM = 64, 27, 1152
@@ -102,23 +104,27 @@ def samples_and_raw(model, rows, seed=0):
     return samples, raw
 
 
-def flops_per_token(model, mean_len):
-    llm = model.llm.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    return 6 * n + 12 * llm.num_hidden_layers * llm.hidden_size * mean_len
+def step_flops(model, samples):
+    """(decoder FLOPs, all model FLOPs) of one pass over ``samples`` (`VPiTFlops`)."""
+    tokens = sum(len(s) for s in samples)
+    text_targets = sum(int((s.labels[1:] != -100).sum()) for s in samples)
+    images = sum(int(s.image_is_target.numel()) for s in samples)
+    visual_targets = sum(int(s.image_is_target.sum()) for s in samples)
+    count = VPiTFlops.of(model)
+    span = tokens / len(samples)
+    return (count.decoder_flops(tokens, span),
+            count.model_flops(tokens, span, text_targets, N_VISUAL * visual_targets, N_VISUAL * images))
 
 
 def report(benchmark, name, ms, samples, model, peak):
     tokens = sum(len(s) for s in samples)
-    mean_len = tokens / len(samples)
     text_targets = sum(int((s.labels[1:] != -100).sum()) for s in samples)
     tokens_per_s = tokens / (ms / 1e3)
-    flops = flops_per_token(model, mean_len)
-    lm_head = 6 * model.llm.config.hidden_size * model.heads.lm_head.weight.shape[0] * text_targets / tokens
+    decoder, everything = step_flops(model, samples)
     info = benchmark.extra_info
     info.update(tokens=tokens, text_targets=text_targets, tokens_per_s=tokens_per_s,
-                mfu=tokens_per_s * flops / PEAK_BF16, mfu_with_lm_head=tokens_per_s * (flops + lm_head) / PEAK_BF16,
-                peak_gib=peak / 2**30, mean_sample_len=mean_len)
+                mfu=decoder / (ms / 1e3) / PEAK_BF16, mfu_with_heads=everything / (ms / 1e3) / PEAK_BF16,
+                peak_gib=peak / 2**30, mean_sample_len=tokens / len(samples))
     _results[name] = tokens_per_s
     if not name.startswith("ours") and "ours-2rows-eager" in _results:
         info["ours_eager_speedup"] = _results["ours-2rows-eager"] / tokens_per_s

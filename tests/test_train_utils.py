@@ -372,6 +372,43 @@ def test_flops_and_mfu():
         assert metrics.peak_flops_for_device() is None
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_vpit_flops_count_each_weight_on_the_rows_it_runs_on(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vpit_fast.data import build_tokenizer
+    from vpit_fast.model import VPiTConfig, VPiTModel
+
+    tokenizer = build_tokenizer()
+    H, I, L, V, dv = 32, 48, 3, len(tokenizer), 12
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=H, intermediate_size=I, num_attention_heads=4, num_key_value_heads=2,
+                                       num_hidden_layers=L, vocab_size=V, tie_word_embeddings=tied))
+    model = VPiTModel.from_base(llm, tokenizer, None, VPiTConfig(vision_head="mlp"), visual_dim=dv)
+    count = metrics.VPiTFlops.of(model)
+    kv = H // 4 * 2  # two K/V heads of head_dim 8
+    block = H * H * 2 + H * kv * 2 + 3 * H * I + 2 * H  # q, o, k, v; gate, up, down; two norms
+    assert count.decoder == L * block + H  # plus the final norm; the embedding table and LM head apart
+    V = model.heads.lm_head.weight.shape[0]  # from_base may pad the vocabulary
+    assert count.lm_head == V * H
+    assert count.vision_head == sum(p.numel() for p in model.heads.vision_head.parameters()) > 0
+    assert count.adapter == sum(p.numel() for p in model.adapter.parameters()) > 0
+    assert (count.num_layers, count.hidden) == (L, H)
+    decoder = count.decoder_flops(100, 25.0)
+    assert decoder == 100 * (6 * count.decoder + 12 * L * H * 25.0)
+    total = count.model_flops(100, 25.0, text_targets=7, visual_targets=64, image_tokens=128)
+    assert total == decoder + 6 * (7 * V * H + 64 * count.vision_head + 128 * count.adapter)
+    with pytest.raises(ValueError, match="text_targets"):
+        count.model_flops(100, 25.0, -1, 0, 0)
+
+
+def test_batch_rows_reads_the_loss_rows_on_the_host():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, 8]])
+    batch = {"labels": labels, "image_is_target": torch.tensor([True, False, True])}
+    # row i predicts label i + 1: the first column is never a target
+    assert metrics.batch_rows(batch, 64) == (4, 2 * 64, 3 * 64)
+    assert metrics.batch_rows({"labels": labels}, 64) == (4, 0, 0)
+
+
 def test_progress_bar_and_postfix(capsys):
     assert metrics.format_postfix(2.34567, 0.456789, 12345.0, 0.4123) == \
         "text 2.3457 | visual 0.4568 | 12.3k tok/s | MFU 41.2%"

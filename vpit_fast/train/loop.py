@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from vpit_fast.train import checkpoint as ckpt
 from vpit_fast.train.config import PRESETS, resolve_config
-from vpit_fast.train.metrics import (GpuMonitor, MetricsLogger, flops_per_token, format_postfix, mfu,
+from vpit_fast.train.metrics import (GpuMonitor, MetricsLogger, VPiTFlops, batch_rows, format_postfix, mfu,
                                      peak_flops_for_device, plot_losses, progress_bar)
 from vpit_fast.train.optim import build_optimizer, build_scheduler
 from vpit_fast.train.overrides import save_yaml
@@ -210,11 +210,12 @@ def build_data(config, model, runtime):
 
 def step_counts(micro_batches, num_visual_tokens, runtime):
     """(text targets, visual targets) of a whole optimizer step over all ranks, as floats."""
-    text = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-    visual = sum(num_visual_tokens * int(b["image_is_target"].sum()) for b in micro_batches)
+    rows = [batch_rows(b, num_visual_tokens) for b in micro_batches]
+    text, visual = float(sum(r[0] for r in rows)), float(sum(r[1] for r in rows))
+    if not runtime.distributed:  # counted on the host: no device round trip
+        return [text, visual]
     counts = torch.tensor([text, visual], dtype=torch.float64, device=runtime.device)
-    if runtime.distributed:
-        dist.all_reduce(counts)
+    dist.all_reduce(counts)
     return counts.tolist()
 
 
@@ -351,13 +352,13 @@ def train(config):
         log(runtime, f"resumed from {resume_from} at step {step}")
 
     # ---- the loop ----------------------------------------------------------------------------
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    llm_cfg = model.llm.config
+    flop_model = VPiTFlops.of(model)
     peak = peak_flops_for_device(runtime.device) if runtime.device.type == "cuda" else None
     gpu = GpuMonitor(runtime.device) if runtime.device.type == "cuda" else None
     metrics = MetricsLogger(out_dir / "metrics.jsonl", enabled=runtime.is_main)
     bar = progress_bar(steps, initial=step, enabled=runtime.is_main and config.progress)
     window_tokens, window_samples, window_start, window_losses = 0, 0, time.perf_counter(), []
+    window_rows = [0, 0, 0]  # text targets, visual targets, image tokens (the heads' and adapter's rows)
     interrupted = False
 
     def save(at_step):
@@ -387,6 +388,9 @@ def train(config):
             step += 1
             window_tokens += sum(real_tokens(b) for b in micro_batches) * runtime.world_size
             window_samples += sum(num_samples(b) for b in micro_batches) * runtime.world_size
+            for b in micro_batches:
+                window_rows = [w + r * runtime.world_size
+                               for w, r in zip(window_rows, batch_rows(b, model.config.num_visual_tokens))]
 
             if step % config.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - window_start
@@ -394,8 +398,10 @@ def train(config):
                 # Attention spans a sample in packed rows, the padded row otherwise.
                 packed = "segment_ids" in micro_batches[0]
                 span = window_tokens / max(window_samples, 1) if packed else micro_batches[0]["input_ids"].shape[1]
-                flops = flops_per_token(n_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size, span)
-                utilisation = mfu(tokens_per_s / runtime.world_size, flops, peak)
+                per_gpu = tokens_per_s / runtime.world_size
+                tokens = max(window_tokens, 1)
+                utilisation = mfu(per_gpu, flop_model.decoder_flops(window_tokens, span) / tokens, peak)
+                with_heads = mfu(per_gpu, flop_model.model_flops(window_tokens, span, *window_rows) / tokens, peak)
                 # Means over the steps since the last record: packed rows group samples of similar
                 # length (often one task), so single steps swing widely.
                 mean_text = sum(t for t, _ in window_losses) / len(window_losses)
@@ -403,10 +409,11 @@ def train(config):
                 window_losses.clear()
                 record = {"step": step, "text_loss": mean_text, "visual_loss": mean_visual, "grad_norm": grad_norm,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s, "mfu": utilisation,
-                          "epoch": data.epoch, **(gpu.read() if gpu else {})}
+                          "mfu_with_heads": with_heads, "epoch": data.epoch, **(gpu.read() if gpu else {})}
                 metrics.log(record)
                 bar.set_postfix_str(format_postfix(mean_text, mean_visual, tokens_per_s, utilisation))
                 window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
+                window_rows = [0, 0, 0]
             bar.update(1)
             if step % config.save_every == 0 and step < steps:
                 save(step)

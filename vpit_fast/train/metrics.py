@@ -10,6 +10,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -134,18 +135,74 @@ class GpuMonitor:
                 "gpu_util_pct": float(util.gpu)}
 
 
-def flops_per_token(num_params_non_embedding, num_layers, hidden, seq_len):
+def flops_per_token(num_params_per_token, num_layers, hidden, seq_len):
     """Training FLOPs per token, ``6 N + 12 L H T`` (PaLM, Chowdhery et al. 2022, appendix B):
-    forward plus backward is 3x the forward's 2 FLOPs per weight (``6 N``, N = parameters not in
-    embedding lookups; include the LM head and vision head), plus attention scores and values
-    (``12 L H T``, L layers, H hidden size, T the attention length; causal masking is not halved,
-    as in PaLM). With packed sequences T is the mean sample length attention spans, not the
-    budget. Frozen modules (the vision encoder) are not counted."""
-    for name, value in (("num_params_non_embedding", num_params_non_embedding), ("num_layers", num_layers),
+    forward plus backward is 3x the forward's 2 FLOPs per weight (``6 N``, N = the weights every
+    token is multiplied by: not embedding lookups, and not heads that run on a few rows only, which
+    `VPiTFlops` counts on their rows), plus attention scores and values (``12 L H T``, L layers,
+    H hidden size, T the attention length; causal masking is not halved, as in PaLM). With packed
+    sequences T is the mean sample length attention spans, not the budget."""
+    for name, value in (("num_params_per_token", num_params_per_token), ("num_layers", num_layers),
                         ("hidden", hidden), ("seq_len", seq_len)):
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return 6.0 * num_params_non_embedding + 12.0 * num_layers * hidden * seq_len
+    return 6.0 * num_params_per_token + 12.0 * num_layers * hidden * seq_len
+
+
+@dataclass(frozen=True)
+class VPiTFlops:
+    """Where a `vpit_fast.VPiTModel`'s weights run, for counting its training FLOPs.
+
+    The decoder runs on every token. The LM head runs only on text-target rows (the fused head
+    loss never makes logits elsewhere), the vision head only on visual-target rows and the
+    adapter only on image slots, so each is counted on its rows: 6 FLOPs per weight per row. The
+    frozen vision encoder (forward only, outside the LLM's token stream) is not counted.
+
+    Two totals: `decoder_flops` (``6 N + 12 L H T`` per token, N the decoder's weights: the
+    stricter count, which `mfu` in the metrics reports) and `model_flops` (that plus the heads and
+    adapter on their rows: ``mfu_with_heads``).
+    """
+    decoder: int  # decoder weights (blocks and final norm, without the embedding table)
+    lm_head: int  # V x H
+    vision_head: int
+    adapter: int
+    num_layers: int
+    hidden: int
+
+    @classmethod
+    def of(cls, model):
+        llm = model.llm
+        embedding = llm.get_input_embeddings().weight
+        decoder = sum(p.numel() for p in llm.base_model.parameters() if p is not embedding)
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        return cls(decoder=decoder, lm_head=model.heads.lm_head.weight.numel(),
+                   vision_head=count(model.heads.vision_head), adapter=count(model.adapter),
+                   num_layers=llm.config.num_hidden_layers, hidden=llm.config.hidden_size)
+
+    def decoder_flops(self, tokens, span):
+        """FLOPs of ``tokens`` tokens through the decoder, attention spanning ``span`` on average."""
+        return tokens * flops_per_token(self.decoder, self.num_layers, self.hidden, span)
+
+    def model_flops(self, tokens, span, text_targets, visual_targets, image_tokens):
+        """`decoder_flops` plus the LM head on ``text_targets`` rows, the vision head on
+        ``visual_targets`` rows and the adapter on ``image_tokens`` rows."""
+        for name, value in (("text_targets", text_targets), ("visual_targets", visual_targets),
+                            ("image_tokens", image_tokens)):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value!r}")
+        heads = self.lm_head * text_targets + self.vision_head * visual_targets + self.adapter * image_tokens
+        return self.decoder_flops(tokens, span) + 6.0 * heads
+
+
+def batch_rows(batch, num_visual_tokens):
+    """(text targets, visual targets, image tokens) of a collated batch, read on the host: the
+    rows the LM head, the vision head and the adapter run on."""
+    labels = batch["labels"]
+    text = int((labels[:, 1:] != -100).sum())  # row i predicts label i + 1, as the loss shifts
+    is_target = batch.get("image_is_target")
+    images = 0 if is_target is None else int(is_target.numel())
+    targets = 0 if is_target is None else int(is_target.sum())
+    return text, targets * num_visual_tokens, images * num_visual_tokens
 
 
 def mfu(tokens_per_s, flops_per_token, peak_flops):
