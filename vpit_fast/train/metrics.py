@@ -174,9 +174,8 @@ class VPiTFlops:
         llm = model.llm
         embedding = llm.get_input_embeddings().weight
         decoder = sum(p.numel() for p in llm.base_model.parameters() if p is not embedding)
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
         return cls(decoder=decoder, lm_head=model.heads.lm_head.weight.numel(),
-                   vision_head=count(model.heads.vision_head), adapter=count(model.adapter),
+                   vision_head=_numel(model.heads.vision_head), adapter=_numel(model.adapter),
                    num_layers=llm.config.num_hidden_layers, hidden=llm.config.hidden_size)
 
     def decoder_flops(self, tokens, span):
@@ -192,6 +191,10 @@ class VPiTFlops:
                 raise ValueError(f"{name} must be non-negative, got {value!r}")
         heads = self.lm_head * text_targets + self.vision_head * visual_targets + self.adapter * image_tokens
         return self.decoder_flops(tokens, span) + 6.0 * heads
+
+
+def _numel(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def batch_rows(batch, num_visual_tokens):
