@@ -88,6 +88,35 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+def test_save_false_writes_no_checkpoint_and_no_export(tmp_path):
+    result = loop.train(config(tmp_path, "save=false", "evaluate=false", "steps=3"))
+    assert result["step"] == 3 and "export" not in result
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "export").exists()
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_vocab_size_sizes_a_preset_llm_and_is_checked(tmp_path):
+    model = loop.build_model(config(tmp_path, "model.vocab_size=1000"))
+    assert model.llm.get_input_embeddings().weight.shape[0] == 1024  # rounded up to the vocab multiple
+    assert model.config.text_vocab_size == len(model.tokenizer) < 1000
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        loop.build_model(config(tmp_path, "model.vocab_size=5"))
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        resolve_config("tiny", overrides=["model.vocab_size=-1"])
+
+
+def test_benchmark_presets_have_llama3_shapes():
+    for name, hidden in (("bench-1b", 2048), ("bench-8b", 4096)):
+        c = resolve_config(name)
+        assert c.model.vocab_size == 128256 and c.data.budget == 4096
+        from vpit_fast import presets
+
+        assert presets.llm_config(c.model.llm).hidden_size == hidden
+    eight = resolve_config("bench-8b")
+    assert not eight.save and eight.activation_checkpointing and not eight.evaluate
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="optim.lr"):
         resolve_config("tiny", overrides=["optim.lrr=1"])

@@ -492,3 +492,15 @@ def test_eager_blocks_swaps_compiled_blocks_out_and_back():
     with pytest.raises(RuntimeError, match="inside"), eager_blocks(model):
         raise RuntimeError("inside")
     assert all(a is b for a, b in zip(decoder_layers(model), compiled))
+
+
+def test_peak_memory_per_rank_is_cuda_only():
+    assert metrics.peak_memory_per_rank("cpu") is None
+    assert metrics.peak_memory_per_rank(torch.device("cpu"), rank=1, world_size=2) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_memory_per_rank_reads_this_process_on_one_gpu():
+    held = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    peaks = metrics.peak_memory_per_rank("cuda")
+    assert len(peaks) == 1 and peaks[0] >= held.numel() / 2**30

@@ -13,6 +13,9 @@ Presets:
                   epoch), starting from a stage-1 export (``model.init``).
     bench-1b      LLaMA-3.2-1B shapes with random weights, a SigLIP-so400m-shaped frozen tower,
                   packed 4096-token rows of the shapes data (the benchmark's training step).
+    bench-8b      the same at LLaMA-3-8B shapes with activation checkpointing, saving nothing:
+                  the multi-GPU throughput run (``torchrun --nproc-per-node 2 -m vpit_fast.train
+                  --preset bench-8b``; ZeRO-3 through FSDP2).
 The paper's batch sizes count samples; with packing, a row holds several samples, so the presets
 set rows per step that give about the same number of samples (``batch_size * grad_accum * world``).
 """
@@ -38,6 +41,9 @@ class ModelConfig:
     target_noise: noise on the input copies of generation-target visual tokens in training
         (`vpit_fast.VPiTConfig.target_noise`; not in the paper).
     dtype: parameters' compute dtype on GPU (bfloat16 or float32); the CPU runs in float32.
+    vocab_size: embedding rows of a preset LLM (0: the tokenizer's size). The benchmark presets
+        take LLaMA-3's 128256, so the embeddings and the LM head cost what they do in the real
+        model although the embedded tokenizer uses few of the rows.
     """
 
     llm: str = "tiny"
@@ -51,6 +57,7 @@ class ModelConfig:
     visual_weight: float = 1.0
     target_noise: float = 0.0
     dtype: str = "bfloat16"
+    vocab_size: int = 0
 
 
 @dataclass
@@ -100,7 +107,9 @@ class OptimConfig:
 class TrainConfig:
     """stage: ``stage1`` (adapter and vision head), ``stage2`` or ``full`` (everything but the
     vision tower). steps: optimizer steps (0: one epoch). Checkpoints go to ``out_dir/checkpoints``
-    every ``save_every`` steps and at the end; ``resume`` continues from the latest one."""
+    every ``save_every`` steps and at the end; ``resume`` continues from the latest one. save:
+    false writes no checkpoint and no export (throughput runs, where an 8B model's optimizer state
+    would put over 100 GB on disk); the metrics and the plot are still written."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +124,7 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 2
     resume: bool = False
+    save: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
     evaluate: bool = True
@@ -129,7 +139,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if values[key] not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {values[key]!r}")
-        for key, value in (("steps", self.steps), ("data.budget", self.data.budget)):
+        for key, value in (("steps", self.steps), ("data.budget", self.data.budget),
+                           ("model.vocab_size", self.model.vocab_size)):
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
         if not 0.0 <= self.data.uncond_fraction <= 1.0:
@@ -164,6 +175,8 @@ TINY_TASKS = ("image_qa", "text_to_image", "image_editing", "image_qa", "text_to
               "image_qa", "text_to_image", "visual_thinking", "image_qa", "text_to_image", "frame_prediction",
               "image_qa", "text_to_image", "frame_reordering")
 
+LLAMA3_VOCAB = 128256
+
 PRESETS = {
     "tiny": TrainConfig(
         # Noise on the input copies of generated images (target_noise), 10% of text-to-image
@@ -178,10 +191,15 @@ PRESETS = {
     "paper-stage1": _paper("stage1", 4.90e-5, 192),
     "paper-stage2": _paper("stage2", 6.93e-5, 384, init="runs/paper-stage1/export"),
     "bench-1b": TrainConfig(
-        model=ModelConfig(llm="llama3.2-1b", encoder="siglip-so400m"),
+        model=ModelConfig(llm="llama3.2-1b", encoder="siglip-so400m", vocab_size=LLAMA3_VOCAB),
         data=DataConfig(budget=4096, batch_size=1, shapes_size=2000, shapes_image_size=384, num_workers=4),
         optim=OptimConfig(lr=1e-4, warmup_steps=10),
         steps=20, out_dir="runs/bench-1b", save_every=10_000, evaluate=False),
+    "bench-8b": TrainConfig(
+        model=ModelConfig(llm="llama3-8b", encoder="siglip-so400m", vocab_size=LLAMA3_VOCAB),
+        data=DataConfig(budget=4096, batch_size=1, shapes_size=400, shapes_image_size=384, num_workers=4),
+        optim=OptimConfig(lr=1e-5, warmup_steps=5),
+        steps=12, log_every=4, out_dir="runs/bench-8b", save=False, evaluate=False, activation_checkpointing=True),
 }
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from vpit_fast.train import checkpoint as ckpt
 from vpit_fast.train.config import PRESETS, resolve_config
 from vpit_fast.train.metrics import (GpuMonitor, MetricsLogger, VPiTFlops, batch_rows, format_postfix, mfu,
-                                     peak_flops_for_device, plot_losses, progress_bar)
+                                     peak_flops_for_device, peak_memory_per_rank, plot_losses, progress_bar)
 from vpit_fast.train.optim import build_optimizer, build_scheduler
 from vpit_fast.train.overrides import save_yaml
 from vpit_fast.train.parallel import (apply_activation_checkpointing, apply_compile, apply_fsdp, eager_blocks,
@@ -86,8 +86,14 @@ def build_model(config):
         fit_standardization(visual, config)
     if llm_name in presets.LLMS:
         tokenizer = AutoTokenizer.from_pretrained(m.tokenizer) if m.tokenizer else build_tokenizer()
-        llm = LlamaForCausalLM(presets.llm_config(llm_name, vocab_size=len(tokenizer)))
+        if 0 < m.vocab_size < len(tokenizer):
+            raise ValueError(f"model.vocab_size ({m.vocab_size}) is smaller than the tokenizer ({len(tokenizer)} "
+                             "tokens); give at least that many rows, or 0 for the tokenizer's size")
+        llm = LlamaForCausalLM(presets.llm_config(llm_name, vocab_size=m.vocab_size or len(tokenizer)))
     else:
+        if m.vocab_size:
+            raise ValueError(f"model.vocab_size sizes a preset LLM's random embeddings; {llm_name!r} brings its "
+                             "own: leave model.vocab_size at 0")
         tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or llm_name)
         llm = llm_name
     return VPiTModel.from_base(llm, tokenizer, visual, vpit_config, dtype=torch.float32)
@@ -378,10 +384,12 @@ def train(config):
             window_losses.append((text_loss, visual_loss))
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if not (math.isfinite(text_loss) and math.isfinite(visual_loss) and math.isfinite(grad_norm)):
+                where = (f"The last good checkpoint is in {checkpoints}. Lower optim.lr or raise "
+                         f"optim.warmup_steps and resume with --resume." if config.save else
+                         "No checkpoint was written (save=false). Lower optim.lr or raise optim.warmup_steps.")
                 raise NonFiniteLoss(
                     f"step {step + 1}: non-finite loss or gradient (text {text_loss}, visual {visual_loss}, grad "
-                    f"norm {grad_norm}); the update was not applied. The last good checkpoint is in {checkpoints}. "
-                    f"Lower optim.lr or raise optim.warmup_steps and resume with --resume.")
+                    f"norm {grad_norm}); the update was not applied. {where}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -410,34 +418,41 @@ def train(config):
                 record = {"step": step, "text_loss": mean_text, "visual_loss": mean_visual, "grad_norm": grad_norm,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s, "mfu": utilisation,
                           "mfu_with_heads": with_heads, "epoch": data.epoch, **(gpu.read() if gpu else {})}
+                peaks = peak_memory_per_rank(runtime.device, runtime.rank, runtime.world_size)
+                if peaks is not None:
+                    record["gpu_peak_gib"] = peaks  # per rank
                 metrics.log(record)
                 bar.set_postfix_str(format_postfix(mean_text, mean_visual, tokens_per_s, utilisation))
                 window_tokens, window_samples, window_start = 0, 0, time.perf_counter()
                 window_rows = [0, 0, 0]
             bar.update(1)
-            if step % config.save_every == 0 and step < steps:
+            if config.save and step % config.save_every == 0 and step < steps:
                 save(step)
     except KeyboardInterrupt:
         interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not corrupt the save
-        log(runtime, f"interrupted at step {step}: saving a checkpoint")
+        log(runtime, f"interrupted at step {step}" + (": saving a checkpoint" if config.save else " (save=false)"))
     finally:
         bar.close()
-    if step > 0 and optimizer.state:
+    if config.save and step > 0 and optimizer.state:
         save(step)
     signal.signal(signal.SIGINT, previous_handler)
     if interrupted:
-        log(runtime, f"checkpoint saved in {checkpoints}; continue with --resume")
+        if config.save:
+            log(runtime, f"checkpoint saved in {checkpoints}; continue with --resume")
         metrics.close()
         return {"step": step, "interrupted": True, "out_dir": str(out_dir)}
 
     # ---- the end: export, evaluation, plot ---------------------------------------------------
     export_dir = out_dir / "export"
     model.visual = encoder
-    export_model(model, export_dir, runtime, optimizer)
+    if config.save:
+        export_model(model, export_dir, runtime, optimizer)
     if encoder is not None and not runtime.fsdp and runtime.device.type == "cuda":  # evaluation runs on `model`
         model.visual = encoder.to(runtime.device, getattr(torch, config.model.dtype))
-    results = {"step": step, "out_dir": str(out_dir), "export": str(export_dir)}
+    results = {"step": step, "out_dir": str(out_dir)}
+    if config.save:
+        results["export"] = str(export_dir)
     if config.evaluate and eval_set is not None:
         with eager_blocks(model):
             results.update(evaluate(model, eval_set, eval_records, config, runtime))
@@ -448,8 +463,8 @@ def train(config):
     if runtime.is_main:
         png = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
         results["plot"] = str(png) if png else None
-        log(runtime, f"done: {step} steps; checkpoint {checkpoints}, export {export_dir}, metrics "
-                     f"{out_dir / 'metrics.jsonl'}, plot {png}")
+        saved = f"checkpoint {checkpoints}, export {export_dir}" if config.save else "nothing saved (save=false)"
+        log(runtime, f"done: {step} steps; {saved}, metrics {out_dir / 'metrics.jsonl'}, plot {png}")
     return results
 
 

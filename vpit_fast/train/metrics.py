@@ -135,6 +135,19 @@ class GpuMonitor:
                 "gpu_util_pct": float(util.gpu)}
 
 
+def peak_memory_per_rank(device, rank=0, world_size=1):
+    """Each rank's peak of allocated CUDA memory so far, in GiB (``torch.cuda.max_memory_allocated``:
+    the tensors this process held, not the allocator's cache or other processes), as a list indexed
+    by rank. A collective under several ranks: every rank must call it. None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    peaks = torch.zeros(world_size, dtype=torch.float64, device=device)
+    peaks[rank] = torch.cuda.max_memory_allocated(device) / 2**30
+    if world_size > 1:
+        torch.distributed.all_reduce(peaks)
+    return peaks.tolist()
+
+
 def flops_per_token(num_params_per_token, num_layers, hidden, seq_len):
     """Training FLOPs per token, ``6 N + 12 L H T`` (PaLM, Chowdhery et al. 2022, appendix B):
     forward plus backward is 3x the forward's 2 FLOPs per weight (``6 N``, N = the weights every
