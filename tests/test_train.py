@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from vpit_fast import presets
 from vpit_fast.model import VPiTModel
 from vpit_fast.train import loop
 from vpit_fast.train.config import resolve_config
@@ -110,8 +111,6 @@ def test_benchmark_presets_have_llama3_shapes():
     for name, hidden in (("bench-1b", 2048), ("bench-8b", 4096)):
         c = resolve_config(name)
         assert c.model.vocab_size == 128256 and c.data.budget == 4096
-        from vpit_fast import presets
-
         assert presets.llm_config(c.model.llm).hidden_size == hidden
     eight = resolve_config("bench-8b")
     assert not eight.save and eight.activation_checkpointing and not eight.evaluate
