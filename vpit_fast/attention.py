@@ -304,7 +304,8 @@ def varlen_attention(query, key, value, cu_seqlens, max_seqlen, *, scale=None, d
 
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen):
-    """Shape and dtype checks that need no device sync; returns max_seqlen as an int."""
+    """Shape and dtype checks that need no device sync; returns max_seqlen as an int (a SymInt
+    stays one: under torch.compile it is symbolic, and int() would pin the graph to its value)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor of at least 2 boundaries, got "
                          f"{getattr(cu_seqlens, 'shape', type(cu_seqlens))}")
@@ -312,7 +313,7 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen):
         raise ValueError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
     if isinstance(max_seqlen, torch.Tensor):
         max_seqlen = int(max_seqlen)  # transformers' own helpers hand over 0-d tensors
-    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+    if not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
     return max_seqlen
 

@@ -39,10 +39,12 @@ TORCH_LIBRARY(vpit_fast, m) {
   m.def("master_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] exp_avgs, "
         "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2, float eps, "
         "float weight_decay) -> ()");
-  m.def("segment_attention(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens, int max_seqlen, "
+  // max_seqlen is a SymInt so torch.compile keeps it symbolic: as an int, every new longest segment
+  // would compile the decoder block again until the recompile limit sends it back to eager.
+  m.def("segment_attention(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens, SymInt max_seqlen, "
         "float scale) -> (Tensor out, Tensor lse)");
   m.def("segment_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
-        "Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor grad_query, Tensor grad_key, "
+        "Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> (Tensor grad_query, Tensor grad_key, "
         "Tensor grad_value)");
 }
 

@@ -78,7 +78,9 @@ def segment_attention(query, key, value, cu_seqlens, max_seqlen, scale=None):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim], got "
                              f"{getattr(t, 'shape', type(t))}")
-    if reason := unsupported_reason(query.device, query.dtype, query.shape[-1], int(max_seqlen)):
+    if not isinstance(max_seqlen, torch.SymInt):  # symbolic under torch.compile: kept symbolic
+        max_seqlen = int(max_seqlen)
+    if reason := unsupported_reason(query.device, query.dtype, query.shape[-1], max_seqlen):
         raise ValueError(reason)
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype or t.device != query.device:
@@ -90,6 +92,5 @@ def segment_attention(query, key, value, cu_seqlens, max_seqlen, scale=None):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but query on {query.device}")
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     _extension.extension()
-    out, _ = torch.ops.vpit_fast.segment_attention(query, key, value, cu_seqlens.to(torch.int32), int(max_seqlen),
-                                                   scale)
+    out, _ = torch.ops.vpit_fast.segment_attention(query, key, value, cu_seqlens.to(torch.int32), max_seqlen, scale)
     return out
