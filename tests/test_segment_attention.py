@@ -138,14 +138,34 @@ def test_cpu_machines_never_choose_segment():
     (dict(max_seqlen=0), f"at most {MAX_SEQLEN} tokens"),
 ])
 def test_unsupported_calls_name_what_is_wrong(change, message):
-    from vpit_fast.ops.segment_attention import unsupported_reason
+    from vpit_fast.ops.segment_attention import call_unsupported_reason, unsupported_reason
 
-    args = dict(device="cuda", dtype=torch.bfloat16, head_dim=64, max_seqlen=100) | change
-    reason = unsupported_reason(**args)
-    if torch.cuda.is_available():
-        assert message in reason
-    else:
-        assert "CUDA" in reason  # the first check on a machine without a GPU
+    args = dict(dtype=torch.bfloat16, head_dim=64, max_seqlen=100) | change
+    assert call_unsupported_reason(torch.bfloat16, 64, 100) is None
+    assert message in call_unsupported_reason(**args)
+    reason = unsupported_reason("cuda", **args)
+    assert message in reason or "CUDA" in reason  # (a machine without a GPU fails the first check)
+
+
+def test_backend_choice_keeps_a_symbolic_longest_segment_in_one_graph():
+    """Inside a compiled block the longest segment is symbolic; a batch whose longest segment is
+    past `MAX_SEQLEN` gets another backend without splitting the graph (an f-string of the
+    symbolic value in the reason did) and without one graph per value."""
+    from torch._dynamo.utils import counters
+
+    from vpit_fast.ops.segment_attention import call_unsupported_reason
+
+    def pick(x, max_seqlen):
+        usable = call_unsupported_reason(torch.bfloat16, 64, max_seqlen) is None
+        return x * 2 if usable else x * 3
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(pick, fullgraph=True, dynamic=True)
+    x = torch.ones(3)
+    for max_seqlen, factor in ((300, 3), (301, 3), (4000, 3), (100, 2), (101, 2), (256, 2), (257, 3)):
+        assert torch.equal(compiled(x, max_seqlen), x * factor), max_seqlen
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # one per side of the limit
 
 
 def test_bad_shapes_raise_value_errors():

@@ -199,6 +199,19 @@ def test_bad_pixel_values(shape):
         tokens(torch.randn(shape))
 
 
+def test_image_size_not_a_multiple_of_the_patch_size():
+    """SigLIP-so400m takes 384 px in patches of 14: its convolution makes a 27x27 grid and leaves
+    2 px unused. Scaled down: 110 px in patches of 4 -> 27x27 as well."""
+    tokens = VisualTokens.from_config(tiny_siglip_config(image_size=110))
+    pixels = torch.randn(2, 3, 110, 110)
+    hidden = tokens.tower(pixels, output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape[1] == 27 * 27
+    want = reference.interpolate_tokens(hidden, out_size=(8, 8), in_size=(27, 27))
+    assert torch.allclose(tokens(pixels), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        VisualTokens.from_config(tiny_siglip_config(image_size=3))
+
+
 @pytest.mark.parametrize("layer", [3, -4, 1.5])
 def test_bad_layer(layer):
     # 2 layers: hidden_states holds 3 entries, so valid indices are -3..2.

@@ -92,8 +92,10 @@ class VisualTokens(nn.Module):
         if not isinstance(layer, int) or not -num_states <= layer < num_states:
             raise ValueError(f"layer must be an int in [{-num_states}, {num_states - 1}] for a tower with "
                              f"{config.num_hidden_layers} layers, got {layer!r}")
-        if config.image_size % config.patch_size:
-            raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        # The patch embedding is a stride-patch_size convolution without padding: a side of
+        # image_size // patch_size patches (SigLIP-so400m: 384 px, patch 14 -> 27, 2 px unused).
+        if config.image_size < config.patch_size:
+            raise ValueError(f"image_size {config.image_size} is smaller than patch_size {config.patch_size}")
         self.tower = tower
         self.processor = processor if processor is not None else _default_processor(config.image_size)
         self.layer = layer

@@ -31,18 +31,27 @@ def unsupported_reason(device, dtype, head_dim, max_seqlen, dropout=0.0, window=
         return f"segment needs a CUDA device, got {device}"
     if not torch.cuda.is_available():
         return "CUDA is not available in this torch"
+    if not _CUDA_BUILT:
+        return "vpit_fast was built without CUDA kernels"
+    return call_unsupported_reason(dtype, head_dim, max_seqlen, dropout, window)
+
+
+def call_unsupported_reason(dtype, head_dim, max_seqlen, dropout=0.0, window=False):
+    """The part of `unsupported_reason` that depends on the call, not the machine. Traced inside
+    compiled decoder blocks with a symbolic ``max_seqlen``: the message must not format it (an
+    f-string of a symbolic int splits the graph, as each batch whose longest segment passes
+    `MAX_SEQLEN` would then do)."""
     if dtype != torch.bfloat16:
         return f"segment needs bfloat16, got {dtype}"
     if head_dim not in HEAD_DIMS:
         return f"segment needs head_dim in {HEAD_DIMS}, got {head_dim}"
     if not 1 <= max_seqlen <= MAX_SEQLEN:
-        return f"segment needs every segment at most {MAX_SEQLEN} tokens, got max_seqlen {max_seqlen}"
+        got = "" if torch.compiler.is_compiling() else f", got max_seqlen {max_seqlen}"
+        return f"segment needs every segment at most {MAX_SEQLEN} tokens{got}"
     if dropout > 0:
         return "segment has no attention dropout"
     if window:
         return "segment has no sliding window"
-    if not _CUDA_BUILT:
-        return "vpit_fast was built without CUDA kernels"
     return None
 
 
