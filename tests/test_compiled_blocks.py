@@ -70,16 +70,18 @@ def _model():
     return VPiTModel.from_base(llm, tokenizer, None, config)
 
 
-def _packed_batch(model, seed):
+def _packed_batch(model, seed, long_prompt=0):
     """A flattened packed batch of 4 + ``seed`` samples of random lengths (so each seed has its
-    own token count, segment count and longest segment), and visual tokens for its images."""
+    own token count, segment count and longest segment), the first with a prompt of
+    ``long_prompt`` tokens when given, and visual tokens for its images."""
     from vpit_fast.data import Sample, collate_packed, flatten_packed, pack
 
     rng = random.Random(seed)
     cfg = model.config
     samples = []
     for i in range(4 + seed):
-        prompt = [rng.randrange(10, cfg.text_vocab_size) for _ in range(rng.randint(3, 40))]
+        length = long_prompt if i == 0 and long_prompt else rng.randint(3, 40)
+        prompt = [rng.randrange(10, cfg.text_vocab_size) for _ in range(length)]
         response = [rng.randrange(10, cfg.text_vocab_size) for _ in range(rng.randint(3, 40))]
         generate = i % 2 == 1
         image = [cfg.image_start_id] + [cfg.image_token_id] * VISUAL_TOKENS + [cfg.image_end_id]
@@ -90,7 +92,8 @@ def _packed_batch(model, seed):
         samples.append(Sample(input_ids=torch.tensor(ids), labels=torch.tensor(labels), image_keys=[f"{seed}-{i}"],
                               image_slots=torch.tensor([slot]), image_is_target=torch.tensor([generate]),
                               id=str(i), num_visual_tokens=VISUAL_TOKENS))
-    batch = flatten_packed(collate_packed(pack(samples, budget=160, pad_id=0)), pad_id=0)
+    budget = max(160, max(len(sample) for sample in samples))
+    batch = flatten_packed(collate_packed(pack(samples, budget=budget, pad_id=0)), pad_id=0)
     inputs = model.batch_inputs(batch, "cpu")
     inputs["visual_tokens"] = torch.randn(len(batch["image_keys"]), VISUAL_TOKENS, VISUAL_DIM)
     return inputs
@@ -110,35 +113,76 @@ def test_first_block_input_is_not_a_view():
     assert torch.equal(flat[slots], adapted)
 
 
-def test_varying_packed_batches_compile_few_graphs_and_match_eager(segment_on_cpu):
-    from torch._dynamo.utils import counters
-
+def _compare_compiled_with_eager(batches):
+    """Runs every batch through an uncompiled model and a copy with compiled blocks; asserts the
+    same loss and gradients (fp32)."""
     from vpit_fast.train.parallel import apply_compile
 
     eager = _model()
     compiled = copy.deepcopy(eager)
     apply_compile(compiled)
-    counters.clear()
-    batches = [_packed_batch(eager, seed) for seed in range(5)]
-    first, second = batches[:2]  # the second batch changes every size at once
-    assert first["input_ids"].numel() != second["input_ids"].numel()
-    assert first["cu_seqlens"].numel() != second["cu_seqlens"].numel()
-    assert first["max_seqlen"] != second["max_seqlen"]
     for inputs in batches:
         results = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
             out = model(**inputs)
             out.loss.backward()
-            results.append((out.loss.detach(), {n.replace("._orig_mod", ""): p.grad for n, p in model.named_parameters()
-                                                    if p.grad is not None}))
+            grads = {n.replace("._orig_mod", ""): p.grad for n, p in model.named_parameters() if p.grad is not None}
+            results.append((out.loss.detach(), grads))
         (loss, grads), (loss_c, grads_c) = results
         assert torch.isfinite(loss_c) and abs(loss_c.item() - loss.item()) <= 1e-5 * abs(loss.item())
         assert grads.keys() == grads_c.keys()
         for name, g in grads.items():
             assert (grads_c[name] - g).norm() <= 1e-4 * g.norm().clamp_min(1e-12), name
+
+
+def test_varying_packed_batches_compile_few_graphs_and_match_eager(segment_on_cpu):
+    from torch._dynamo.utils import counters
+
+    model = _model()
+    batches = [_packed_batch(model, seed) for seed in range(5)]
+    first, second = batches[:2]  # the second batch changes every size at once
+    assert first["input_ids"].numel() != second["input_ids"].numel()
+    assert first["cu_seqlens"].numel() != second["cu_seqlens"].numel()
+    assert first["max_seqlen"] != second["max_seqlen"]
+    counters.clear()
+    _compare_compiled_with_eager(batches)
     # one graph for the first batch's sizes, one for all later ones (token count, segment count
     # and longest segment symbolic) shared by every block; far from the recompile limit (8), past
     # which the blocks would run eagerly
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert counters["frames"]["total"] == counters["frames"]["ok"]
+
+
+def test_longest_segment_past_the_limit_switches_backend_in_one_graph(segment_on_cpu, monkeypatch):
+    """Batches whose longest segment passes `MAX_SEQLEN` (256) go to FlashAttention: the choice
+    happens inside the compiled block on a symbolic value, without a graph break (its reason
+    string formatted the value, which split the graph) and without a graph per value. The CPU
+    reference stands in for FlashAttention; the real limit decides."""
+    from torch._dynamo.utils import counters
+
+    from vpit_fast import attention
+    from vpit_fast.ops.segment_attention import MAX_SEQLEN, call_unsupported_reason
+
+    def segment_reason(device, dtype, head_dim, max_seqlen, dropout=0.0, window=False):
+        return call_unsupported_reason(torch.bfloat16, head_dim, max_seqlen, dropout, window)  # fp32 test
+
+    def flash_stand_in(q, k, v, cu, max_seqlen, scale, sliding_window):
+        return torch.ops.vpit_fast.segment_attention(q, k, v, cu, max_seqlen, scale)[0]
+
+    usable = attention._backend_usable
+    monkeypatch.setattr(attention, "BACKENDS", ("segment", "torch_varlen"))
+    monkeypatch.setattr(attention, "segment_unsupported_reason", segment_reason)
+    monkeypatch.setattr(attention, "_backend_usable",
+                        lambda backend, *args: None if backend == "torch_varlen" else usable(backend, *args))
+    monkeypatch.setattr(attention, "_run_torch_varlen", flash_stand_in)
+    model = _model()
+    batches = [_packed_batch(model, seed, long_prompt) for seed, long_prompt in
+               ((0, 0), (1, 290), (2, 0), (3, 330), (4, 270), (1, 0))]
+    longest = [int(b["max_seqlen"]) for b in batches]
+    assert len(set(longest)) == len(longest) and sum(m > MAX_SEQLEN for m in longest) == 3, longest
+    counters.clear()
+    _compare_compiled_with_eager(batches)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    # first sizes; symbolic sizes past the limit; symbolic sizes within it
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
