@@ -113,12 +113,11 @@ def test_first_block_input_is_not_a_view():
     assert torch.equal(flat[slots], adapted)
 
 
-def _compare_compiled_with_eager(batches):
-    """Runs every batch through an uncompiled model and a copy with compiled blocks; asserts the
-    same loss and gradients (fp32)."""
+def _compare_compiled_with_eager(eager, batches):
+    """Runs every batch through ``eager`` and a copy with compiled blocks; asserts the same loss
+    and gradients (fp32)."""
     from vpit_fast.train.parallel import apply_compile
 
-    eager = _model()
     compiled = copy.deepcopy(eager)
     apply_compile(compiled)
     for inputs in batches:
@@ -146,7 +145,7 @@ def test_varying_packed_batches_compile_few_graphs_and_match_eager(segment_on_cp
     assert first["cu_seqlens"].numel() != second["cu_seqlens"].numel()
     assert first["max_seqlen"] != second["max_seqlen"]
     counters.clear()
-    _compare_compiled_with_eager(batches)
+    _compare_compiled_with_eager(model, batches)
     # one graph for the first batch's sizes, one for all later ones (token count, segment count
     # and longest segment symbolic) shared by every block; far from the recompile limit (8), past
     # which the blocks would run eagerly
@@ -182,7 +181,7 @@ def test_longest_segment_past_the_limit_switches_backend_in_one_graph(segment_on
     longest = [int(b["max_seqlen"]) for b in batches]
     assert len(set(longest)) == len(longest) and sum(m > MAX_SEQLEN for m in longest) == 3, longest
     counters.clear()
-    _compare_compiled_with_eager(batches)
+    _compare_compiled_with_eager(model, batches)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     # first sizes; symbolic sizes past the limit; symbolic sizes within it
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])

@@ -249,11 +249,10 @@ class VPiTModel(nn.Module):
         B, T, H = embeds.shape
         adapter_dtype = self.adapter[0].weight.dtype
         adapted = self.adapter(visual_tokens.to(adapter_dtype)).to(embeds.dtype)
-        slots = (image_slots[:, None] + torch.arange(self.config.num_visual_tokens, device=image_slots.device)).reshape(-1)
-        rows = image_batch_index.repeat_interleave(self.config.num_visual_tokens)
+        positions = self._slot_positions(image_slots, image_batch_index, T).reshape(-1)
         # index_put on [B, T, H], not index_copy on a [B * T, H] view: a view would reach the first
         # decoder block with a base tensor, and torch.compile would give that block its own graph
-        return embeds.index_put((rows, slots), adapted.reshape(-1, H))
+        return embeds.index_put((positions // T, positions % T), adapted.reshape(-1, H))
 
     def noisy_targets(self, visual_tokens, image_is_target, generator=None):
         """``visual_tokens`` ``[M, n, Dv]`` with the generation targets' (``image_is_target``) made
