@@ -32,6 +32,7 @@ from vpit_fast.data.conversations import IGNORE_INDEX
 from vpit_fast.data.shapes import IMAGE
 from vpit_fast.data.tokenizer import IMAGE_END, IMAGE_START
 from vpit_fast.heads import VPiTHeads
+from vpit_fast.packed_llama import is_packed_llama, packed_llama_forward, use_residual_norms
 
 __all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput"]
 
@@ -149,11 +150,13 @@ def _load_llm(llm, dtype, attn_implementation):
 
 
 def _use_packed_attention(llm):
-    """Switches the LLM to the varlen attention of `vpit_fast.attention` (registered on import)."""
+    """Switches the LLM to the varlen attention of `vpit_fast.attention` (registered on import),
+    and LLaMA's layers to the packed decoder of `vpit_fast.packed_llama`."""
     from vpit_fast.attention import register_varlen_attention
 
     register_varlen_attention()
     llm.set_attn_implementation(PACKED_ATTENTION)
+    use_residual_norms(llm)
 
 
 class VPiTModel(nn.Module):
@@ -301,9 +304,8 @@ class VPiTModel(nn.Module):
         if self.training and self.config.target_noise > 0 and tokens is not None:
             inputs = self.noisy_targets(tokens, image_is_target)
         embeds = self.embed(input_ids, inputs, image_slots, image_batch_index)
-        hidden = self.llm.base_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                                     use_cache=False, **self._attention_kwargs(cu_seqlens, max_seqlen, B * T)
-                                     ).last_hidden_state
+        hidden = self._decoder(embeds, position_ids, attention_mask,
+                               self._attention_kwargs(cu_seqlens, max_seqlen, B * T))
         if labels is None:
             return VPiTOutput(hidden=hidden)
         if labels.shape != input_ids.shape:
@@ -359,6 +361,16 @@ class VPiTModel(nn.Module):
                 raise ValueError(f"image_slots must lie in [1, {T - n}] (an <image_start> before, {n} slots "
                                  f"after), got range [{int(image_slots.min())}, {int(image_slots.max())}]")
         return visual_tokens
+
+    def _decoder(self, embeds, position_ids, attention_mask, attention_kwargs):
+        """The LLM's final hidden states ``[B, T, H]``: a packed batch through LLaMA runs
+        `vpit_fast.packed_llama` (no mask building, residual adds folded into the norms), anything
+        else the model's own forward."""
+        base = self.llm.base_model
+        if attention_kwargs and position_ids is not None and is_packed_llama(base):
+            return packed_llama_forward(base, embeds, position_ids, attention_kwargs)
+        return base(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                    use_cache=False, **attention_kwargs).last_hidden_state
 
     def _attention_kwargs(self, cu_seqlens, max_seqlen, total):
         if cu_seqlens is None:

@@ -8,6 +8,7 @@
 #include "head_loss.h"
 #include "interpolate_tokens.h"
 #include "master_adamw.h"
+#include "rms_norm.h"
 #include "scale_inplace.h"
 #include "segment_attention.h"
 
@@ -46,6 +47,8 @@ TORCH_LIBRARY(vpit_fast, m) {
   m.def("segment_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
         "Tensor lse, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> (Tensor grad_query, Tensor grad_key, "
         "Tensor grad_value)");
+  m.def("rms_norm_backward(Tensor grad_out, Tensor? grad_direct, Tensor h, Tensor rstd, Tensor weight) -> "
+        "(Tensor grad_input, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
@@ -60,6 +63,7 @@ TORCH_LIBRARY_IMPL(vpit_fast, CPU, m) {
   m.impl("decode_gate_up", &vpit::decode_gate_up);
   m.impl("decode_proj_add_", &vpit::decode_proj_add_);
   m.impl("master_adamw_", &vpit::master_adamw_cpu);
+  m.impl("rms_norm_backward", &vpit::rms_norm_backward_cpu);
 }
 
 #ifdef VPIT_FAST_WITH_CUDA
@@ -78,5 +82,6 @@ TORCH_LIBRARY_IMPL(vpit_fast, CUDA, m) {
   m.impl("master_adamw_", &vpit::master_adamw_cuda);
   m.impl("segment_attention", &vpit::segment_attention_cuda);  // CUDA only
   m.impl("segment_attention_backward", &vpit::segment_attention_backward_cuda);
+  m.impl("rms_norm_backward", &vpit::rms_norm_backward_cuda);
 }
 #endif
