@@ -14,7 +14,8 @@ random weights, forward + backward + optimizer step on one GPU.
   token count, so their dynamic-shape code is timed, as in training) or as padded ``[rows, 4096]``
   (the ``-padded`` cases); ``-accumulate2`` / ``-accumulate4``: two or four 8-row micro-batches
   per optimizer step, as `vpit-train`'s gradient accumulation runs (the optimizer's fixed cost
-  spread over more tokens).
+  spread over more tokens); ``-fused-norms``: `vpit-train`'s ``fused_norms=true`` (residual adds
+  folded into the norms, the one-pass RMSNorm backward of `vpit_fast.ops.rms_norm`).
 - official style: HF LLaMA with SDPA on padded batches (one sample per row), the input embeddings
   assembled by a Python loop over images, logits for every position upcast to fp32, a separate
   cosine loss, the channels-first ``F.interpolate`` path; fp32 parameters under bf16 autocast with
@@ -134,14 +135,15 @@ def report(benchmark, name, ms, samples, model, peak):
 
 
 @requires_cuda
-@pytest.mark.parametrize("compiled, rows, adamw, flat, accumulate", [
-    (False, 2, "vpit", True, 1), (True, 2, "vpit", True, 1), (True, 2, "vpit", False, 1), (True, 2, "torch", True, 1),
-    (True, 4, "vpit", True, 1), (True, 4, "vpit", False, 1), (True, 8, "vpit", True, 1), (True, 8, "vpit", True, 2),
-    (True, 8, "vpit", True, 4)],
+@pytest.mark.parametrize("compiled, rows, adamw, flat, accumulate, fused_norms", [
+    (False, 2, "vpit", True, 1, False), (True, 2, "vpit", True, 1, False), (True, 2, "vpit", False, 1, False),
+    (True, 2, "torch", True, 1, False), (True, 4, "vpit", True, 1, False), (True, 4, "vpit", False, 1, False),
+    (True, 8, "vpit", True, 1, False), (True, 8, "vpit", True, 2, False), (True, 8, "vpit", True, 4, False),
+    (True, 8, "vpit", True, 1, True), (True, 8, "vpit", True, 4, True)],
     ids=["eager-2rows", "compiled-2rows", "compiled-2rows-padded", "compiled-2rows-torch-adamw", "compiled-4rows",
          "compiled-4rows-padded", "compiled-8rows", "compiled-8rows-accumulate2",
-         "compiled-8rows-accumulate4"])
-def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate):
+         "compiled-8rows-accumulate4", "compiled-8rows-fused-norms", "compiled-8rows-accumulate4-fused-norms"])
+def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate, fused_norms):
     import copy
 
     from vpit_fast import interpolate_tokens
@@ -152,6 +154,10 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate):
 
     base = setup
     model = copy.deepcopy(base).to(torch.bfloat16)  # vpit-train on one GPU: bf16 parameters
+    if fused_norms:  # vpit-train's fused_norms=true
+        from vpit_fast.packed_llama import use_residual_norms
+
+        use_residual_norms(model.llm)
     if compiled:  # torch.compile per decoder block, as vpit-train's compile=true does
         from vpit_fast.train.parallel import apply_compile
 
@@ -203,7 +209,8 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate):
     if compiled:  # 2 for a flattened case (first sizes, then symbolic ones); near 8 the blocks go eager
         benchmark.extra_info["compiled_graphs"] = counters["stats"]["unique_graphs"]
     name = (f"ours-{rows}rows-{'compiled' if compiled else 'eager'}" + ("-torch-adamw" if adamw == "torch" else "")
-            + ("" if flat else "-padded") + (f"-accumulate{accumulate}" if accumulate > 1 else ""))
+            + ("" if flat else "-padded") + (f"-accumulate{accumulate}" if accumulate > 1 else "")
+            + ("-fused-norms" if fused_norms else ""))
     all_samples = [s for _, _, batch_samples in micro_batches for s in batch_samples]
     report(benchmark, name, ms, all_samples, base,
            torch.cuda.max_memory_allocated())

@@ -135,10 +135,15 @@ def _compare_compiled_with_eager(eager, batches):
             assert (grads_c[name] - g).norm() <= 1e-4 * g.norm().clamp_min(1e-12), name
 
 
-def test_varying_packed_batches_compile_few_graphs_and_match_eager(segment_on_cpu):
+@pytest.mark.parametrize("residual_norms", [False, True], ids=["transformers-layers", "residual-norms"])
+def test_varying_packed_batches_compile_few_graphs_and_match_eager(segment_on_cpu, residual_norms):
     from torch._dynamo.utils import counters
 
+    from vpit_fast.packed_llama import use_residual_norms
+
     model = _model()
+    if residual_norms:  # vpit-train's fused_norms=true: the layers take and return two tensors
+        use_residual_norms(model.llm)
     batches = [_packed_batch(model, seed) for seed in range(5)]
     first, second = batches[:2]  # the second batch changes every size at once
     assert first["input_ids"].numel() != second["input_ids"].numel()

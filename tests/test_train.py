@@ -67,6 +67,19 @@ def test_flattened_batches_train_like_padded_rows(tmp_path):
             assert abs(x - y) <= 1e-4 * abs(y), (step, a[step], b[step])
 
 
+def test_fused_norms_train_like_transformers_layers(tmp_path):
+    """fused_norms=true (residual adds folded into the norms) runs the same steps: the same
+    losses up to float rounding (the norms' backward sums in another order)."""
+    fused, plain = tmp_path / "fused", tmp_path / "plain"
+    loop.train(config(fused, "evaluate=false", "steps=3", "fused_norms=true"))
+    loop.train(config(plain, "evaluate=false", "steps=3"))
+    a, b = losses(fused), losses(plain)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for x, y in zip(a[step], b[step]):
+            assert abs(x - y) <= 1e-4 * abs(y), (step, a[step], b[step])
+
+
 def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     real_step, calls = loop.train_step, []
 

@@ -32,7 +32,7 @@ from vpit_fast.data.conversations import IGNORE_INDEX
 from vpit_fast.data.shapes import IMAGE
 from vpit_fast.data.tokenizer import IMAGE_END, IMAGE_START
 from vpit_fast.heads import VPiTHeads
-from vpit_fast.packed_llama import is_packed_llama, packed_llama_forward, use_residual_norms
+from vpit_fast.packed_llama import is_packed_llama, packed_llama_forward
 
 __all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput"]
 
@@ -150,13 +150,11 @@ def _load_llm(llm, dtype, attn_implementation):
 
 
 def _use_packed_attention(llm):
-    """Switches the LLM to the varlen attention of `vpit_fast.attention` (registered on import),
-    and LLaMA's layers to the packed decoder of `vpit_fast.packed_llama`."""
+    """Switches the LLM to the varlen attention of `vpit_fast.attention` (registered on import)."""
     from vpit_fast.attention import register_varlen_attention
 
     register_varlen_attention()
     llm.set_attn_implementation(PACKED_ATTENTION)
-    use_residual_norms(llm)
 
 
 class VPiTModel(nn.Module):
@@ -364,8 +362,8 @@ class VPiTModel(nn.Module):
 
     def _decoder(self, embeds, position_ids, attention_mask, attention_kwargs):
         """The LLM's final hidden states ``[B, T, H]``: a packed batch through LLaMA runs
-        `vpit_fast.packed_llama` (no mask building, residual adds folded into the norms), anything
-        else the model's own forward."""
+        `vpit_fast.packed_llama` (no mask building; residual adds folded into the norms after
+        `use_residual_norms`), anything else the model's own forward."""
         base = self.llm.base_model
         if attention_kwargs and position_ids is not None and is_packed_llama(base):
             return packed_llama_forward(base, embeds, position_ids, attention_kwargs)

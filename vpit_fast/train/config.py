@@ -109,7 +109,9 @@ class TrainConfig:
     vision tower). steps: optimizer steps (0: one epoch). Checkpoints go to ``out_dir/checkpoints``
     every ``save_every`` steps and at the end; ``resume`` continues from the latest one. save:
     false writes no checkpoint and no export (throughput runs, where an 8B model's optimizer state
-    would put over 100 GB on disk); the metrics and the plot are still written."""
+    would put over 100 GB on disk); the metrics and the plot are still written. fused_norms: LLaMA
+    models fold each residual add into the next RMSNorm (`vpit_fast.packed_llama`; off until its
+    CUDA kernel has run on a GPU)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +129,7 @@ class TrainConfig:
     save: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
+    fused_norms: bool = False
     evaluate: bool = True
     progress: bool = True
 

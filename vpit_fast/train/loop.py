@@ -324,6 +324,11 @@ def train(config):
                  f"tokens; {runtime.world_size} process(es) on {runtime.device}")
 
     # ---- parallelisation ---------------------------------------------------------------------
+    if config.fused_norms:
+        from vpit_fast.packed_llama import use_residual_norms
+
+        if not use_residual_norms(model.llm):
+            log(runtime, "fused_norms=true: this LLM has no LLaMA layers to fuse; running it unchanged")
     if config.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.compile:
