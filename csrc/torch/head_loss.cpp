@@ -249,8 +249,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
       sum_reduction || n_visual == 0 ? visual_sum : visual_sum / double(n_visual);
   const at::Tensor total = text_loss * text_weight + visual_loss * visual_weight;
   const at::Tensor losses = at::stack({total, text_loss, visual_loss});
-  const at::Tensor counts =
-      at::tensor({n_text, n_visual}, at::TensorOptions().dtype(at::kLong)).to(hidden.device());
+  // Filled on the device: a host tensor copied over would be a pageable copy, which waits for
+  // the stream (a GPU bubble each step).
+  const at::Tensor counts = at::empty({2}, hidden.options().dtype(at::kLong));
+  counts.select(0, 0).fill_(n_text);
+  counts.select(0, 1).fill_(n_visual);
   if (!need_grads) {
     grad_hidden = at::empty({0}, hidden.options());
     grad_lm = at::empty({0}, hidden.options());
