@@ -314,6 +314,54 @@ def test_no_grad_forward(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_text_count_from_the_host_gives_the_same_loss(dtype, device):
+    """A caller that counted the text rows on the host passes text_count: the op skips its checks
+    and its device read, and computes exactly what it computes without."""
+    case = Case(700, 64, 1003, 16, 310, 90, head="mlp")
+    kwargs = {"max_chunk_bytes": chunk_bytes(case.vocab)}
+    counted, counted_grads = run(head_loss, case, dtype, device, **kwargs)
+    poison(device)
+    given, given_grads = run(head_loss, case, dtype, device, text_count=case.text_rows.numel(), **kwargs)
+    for field in HeadLoss._fields:
+        assert torch.equal(getattr(given, field), getattr(counted, field)), field
+    for name in counted_grads:
+        assert torch.equal(given_grads[name], counted_grads[name]), name
+
+
+def test_text_count_is_what_the_op_uses():
+    """The count is trusted, not checked: one short of the truth drops the last text row (so a
+    caller must pass the true count; `VPiTModel` counts on the host copy of the same labels)."""
+    case = Case(200, 32, 301, 8, 50, 10)
+    true = run(head_loss, case, torch.float32, "cpu")[0]
+    short = run(head_loss, case, torch.float32, "cpu", text_count=49)[0]
+    assert short.text_count.item() == 49 and short.text_loss.item() != true.text_loss.item()
+
+
+def test_bad_text_count_raises():
+    case = Case(20, 16, 50, 4, 5, 2)
+    for bad in (-1, 21, 2.0, True):
+        with pytest.raises(ValueError, match="text_count must be None or an int in"):
+            head_loss(*case.args(torch.float32, "cpu"), text_count=bad)
+
+
+@requires_cuda
+def test_cuda_text_count_from_the_host_reads_nothing_back():
+    """With text_count, forward and backward of the op never wait for the GPU (CUDA's sync debug
+    mode raises on any device-to-host read)."""
+    case = Case(700, 64, 1003, 16, 310, 90, head="mlp")
+    args = case.args(torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = head_loss(*args, text_count=case.text_rows.numel())
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.text_count.item() == case.text_rows.numel() and args[0].grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_repeated_runs_are_bitwise_identical(head, dtype, device):
     case = Case(1000, 64, 1003, 16, 450, 150, head=head)
@@ -379,12 +427,14 @@ def test_impl_torch_is_the_reference():
 @pytest.mark.skipif(IMPL != "auto", reason="compiles the registered op only")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head", ["linear", "mlp"])
-def test_torch_compile_fullgraph(head, device):
+@pytest.mark.parametrize("text_count", [None, 80], ids=["counted", "given"])
+def test_torch_compile_fullgraph(head, device, text_count):
     def loss_fn(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head):
         out = vpit_fast.head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head,
-                                  text_weight=0.5, max_chunk_bytes=64 << 10)
+                                  text_weight=0.5, max_chunk_bytes=64 << 10, text_count=text_count)
         return out.loss * 2
 
+    torch._dynamo.reset()
     compiled = torch.compile(loss_fn, fullgraph=True)
     case = Case(200, 64, 1003, 16, 80, 30, head=head)
     args = case.args(torch.float32, device)

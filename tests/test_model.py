@@ -312,3 +312,56 @@ def test_presets_use_real_weights_only_when_cached(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc")
     assert presets.local_pretrained("llama3.2-1b") == "meta-llama/Llama-3.2-1B-Instruct"
     assert presets.llm_config("llama3.2-1b").hidden_size == 2048
+
+
+def test_host_targets_count_on_the_host_and_give_the_same_loss(tokenizer, encoder_dir, tmp_path, monkeypatch):
+    """`batch_inputs` moving a batch to a GPU adds the host copies of the labels and image slots;
+    the loss then checks and counts its text targets there (the head loss reads nothing back).
+    Here the copies are passed on the CPU: the same losses and gradients, the count handed to the
+    head loss; anything invalid in the copies gives no count (the head loss checks instead)."""
+    import vpit_fast.heads as heads_module
+
+    model = build("llama", tokenizer, encoder_dir, tmp_path)
+    batch = VPiTModel.batch_inputs(shapes_batch(model, tokenizer, size=6, seed=1))
+    assert "host_targets" not in batch  # nothing moved: the head loss counts on the CPU anyway
+    host = {k: batch[k] for k in ("labels", "image_slots", "image_batch_index")}
+    T = batch["input_ids"].shape[1]
+    expected = int((batch["labels"][:, 1:] != -100).sum())
+    assert bool(batch["image_is_target"].any())  # generation targets are checked too
+    assert model._host_text_count(host, batch["image_is_target"], T) == expected
+
+    seen = []
+    real = heads_module.head_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("text_count"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heads_module, "head_loss", spy)
+    results = []
+    for extra in ({}, {"host_targets": host}):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, **extra)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert seen == [None, expected]
+    (plain, plain_grads), (hinted, hinted_grads) = results
+    for field in ("loss", "text_loss", "visual_loss", "text_count", "visual_count"):
+        assert torch.equal(getattr(hinted, field), getattr(plain, field)), field
+    for name, g in plain_grads.items():
+        assert torch.equal(hinted_grads[name], g), name
+
+    # invalid host copies: no count (the device-side check then raises or passes as before)
+    target = int(batch["image_is_target"].nonzero()[0])
+    bad_label = host["labels"].clone()
+    bad_label[0, -1] = model.heads.lm_head.weight.shape[0]  # past the vocabulary
+    slot_text = host["labels"].clone()
+    b, s = int(host["image_batch_index"][target]), int(host["image_slots"][target])
+    slot_text[b, s + 1] = 5  # a visual row with a text target
+    bad_slot = host["image_slots"].clone()
+    bad_slot[target] = T  # past the row
+    for case in ({"labels": bad_label}, {"labels": slot_text}, {"image_slots": bad_slot},
+                 {"labels": host["labels"][:, :-1]}):
+        assert model._host_text_count({**host, **case}, batch["image_is_target"], T) is None, case
+    with pytest.raises(ValueError, match="both in visual_rows and have a text target"):
+        model(**{**batch, "labels": slot_text, "host_targets": {**host, "labels": slot_text}})

@@ -276,7 +276,8 @@ class VPiTModel(nn.Module):
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None, cu_seqlens=None,
                 max_seqlen=None, image_slots=None, image_batch_index=None, image_is_target=None,
-                pixel_values=None, visual_tokens=None, reduction="mean", text_weight=None, visual_weight=None):
+                pixel_values=None, visual_tokens=None, reduction="mean", text_weight=None, visual_weight=None,
+                host_targets=None):
         """One forward pass, with the fused loss when ``labels`` are given.
 
         Args:
@@ -290,6 +291,9 @@ class VPiTModel(nn.Module):
             reduction: ``"mean"`` or ``"sum"`` (for normalising by global token counts).
             text_weight, visual_weight: override the config's loss weights (a training loop
                 folds the global token counts into them).
+            host_targets: ``{"labels", "image_slots", "image_batch_index"}`` still on the host
+                (`batch_inputs` adds them when it moves a batch to a GPU): the loss checks and
+                counts its targets there, so the fused head loss reads nothing back from the GPU.
 
         Returns:
             `VPiTOutput`.
@@ -309,20 +313,25 @@ class VPiTModel(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         result = self.loss(hidden, labels, tokens, image_slots, image_batch_index, image_is_target, reduction,
-                           text_weight, visual_weight)
+                           text_weight, visual_weight, text_count=self._host_text_count(host_targets,
+                                                                                        image_is_target, T))
         return VPiTOutput(loss=result.loss, text_loss=result.text_loss, visual_loss=result.visual_loss,
                           text_count=result.text_count, visual_count=result.visual_count, hidden=hidden)
 
     def loss(self, hidden, labels, visual_tokens, image_slots, image_batch_index, image_is_target,
-             reduction="mean", text_weight=None, visual_weight=None):
-        """The fused loss over response rows of ``hidden`` ``[B, T, H]``; returns `vpit_fast.HeadLoss`."""
+             reduction="mean", text_weight=None, visual_weight=None, text_count=None):
+        """The fused loss over response rows of ``hidden`` ``[B, T, H]``; returns `vpit_fast.HeadLoss`.
+        text_count: the text targets, counted and checked on the host (`_host_text_count`), or None."""
         B, T, H = hidden.shape
         next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         Dv = self.config.visual_dim
         if visual_tokens is not None and visual_tokens.shape[0] > 0:
             # The generation targets' indices, found where the flags live: on the host (as
             # batch_inputs leaves them) that costs no device sync, unlike a boolean mask on the GPU.
-            index = image_is_target.nonzero().reshape(-1).to(visual_tokens.device, non_blocking=True)
+            index = image_is_target.nonzero().reshape(-1)
+            if index.device.type == "cpu" and visual_tokens.is_cuda:
+                index = index.pin_memory()  # from pageable memory the copy would wait for the GPU
+            index = index.to(visual_tokens.device, non_blocking=True)
             positions = self._slot_positions(image_slots.index_select(0, index),
                                              image_batch_index.index_select(0, index), T)
             rows = (positions - 1).reshape(-1)  # each slot is predicted from the position before it
@@ -333,7 +342,43 @@ class VPiTModel(nn.Module):
         return self.heads(hidden.reshape(B * T, H), next_labels, rows, targets.to(hidden.dtype),
                           text_weight=self.config.text_weight if text_weight is None else text_weight,
                           visual_weight=self.config.visual_weight if visual_weight is None else visual_weight,
-                          reduction=reduction)
+                          reduction=reduction, text_count=text_count)
+
+    def _host_text_count(self, host_targets, image_is_target, T):
+        """The number of text targets, counted on the host copies of the labels and image slots
+        when they show every target valid (what the head loss would otherwise check on the device,
+        through one device-to-host read); None when there are no host copies or something is
+        invalid (the head loss then checks, and raises its clear error)."""
+        if not host_targets:
+            return None
+
+        def on_host(t):
+            return isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+        labels, slots, rows_of = (host_targets.get(k) for k in ("labels", "image_slots", "image_batch_index"))
+        if not on_host(labels) or labels.dim() != 2 or labels.shape[1] != T:
+            return None
+        next_labels = labels[:, 1:]
+        is_text = next_labels != IGNORE_INDEX
+        if bool((is_text & ((next_labels < 0) | (next_labels >= self.heads.lm_head.weight.shape[0]))).any()):
+            return None
+        if image_is_target is not None and image_is_target.numel():
+            if not (on_host(slots) and on_host(rows_of) and on_host(image_is_target)
+                    and slots.shape == rows_of.shape == image_is_target.shape):
+                return None
+            target = image_is_target.bool()
+            n = self.config.num_visual_tokens
+            first, row = slots[target], rows_of[target]
+            if bool(((first < 1) | (first + n > T) | (row < 0) | (row >= labels.shape[0])).any()):
+                return None
+            # visual row r = row * T + slot - 1 + k has the label at r + 1 (a slot) as its text
+            # label, which must be ignore_index; and no row twice
+            slot_positions = ((row * T + first)[:, None] + torch.arange(n)).reshape(-1)
+            if slot_positions.unique().numel() != slot_positions.numel():
+                return None
+            if bool((labels.reshape(-1)[slot_positions] != IGNORE_INDEX).any()):
+                return None
+        return int(is_text.sum())
 
     def _visual_tokens(self, pixel_values, visual_tokens, image_slots, image_batch_index, image_is_target, T):
         n, Dv = self.config.num_visual_tokens, self.config.visual_dim
@@ -400,7 +445,8 @@ class VPiTModel(nn.Module):
         """The forward arguments of a collated batch (`vpit_fast.data.collate_packed` or
         `pad_batch` output, plus ``pixel_values`` or ``visual_tokens``), moved to ``device``;
         ``image_is_target`` stays where it is (the loss selects the generation targets with it,
-        which on the host needs no device sync)."""
+        which on the host needs no device sync). Moving host tensors to a GPU, it also passes
+        their host copies of the labels and image slots as ``host_targets`` (see `forward`)."""
         out = {}
         for key in cls._BATCH_KEYS:
             value = batch.get(key)
@@ -408,6 +454,11 @@ class VPiTModel(nn.Module):
                 value = value.to(device, non_blocking=True)
             if value is not None:
                 out[key] = value
+        host = {key: batch.get(key) for key in ("labels", "image_slots", "image_batch_index")}
+        labels = host["labels"]
+        if (device is not None and torch.device(device).type != "cpu" and isinstance(labels, torch.Tensor)
+                and labels.device.type == "cpu"):
+            out["host_targets"] = host  # the loss checks and counts its targets here (no device read)
         return out
 
     # ---- persistence -------------------------------------------------------------------------

@@ -146,14 +146,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor& hidden_in, const at::Tensor& lm_weight_in, const at::Tensor& labels_in,
     const at::Tensor& visual_rows_in, const at::Tensor& visual_targets_in,
     at::TensorList vision_params, double text_weight, double visual_weight, int64_t ignore_index,
-    bool sum_reduction, int64_t max_chunk_bytes, bool need_grads) {
+    bool sum_reduction, int64_t max_chunk_bytes, bool need_grads, int64_t text_count) {
   check_shapes(hidden_in, lm_weight_in, labels_in, visual_rows_in, visual_targets_in,
                vision_params);
   HL_CHECK(max_chunk_bytes > 0, "max_chunk_bytes must be positive, got ", max_chunk_bytes);
   const at::Tensor hidden = hidden_in.contiguous(), labels = labels_in.contiguous();
   const at::Tensor visual_rows = visual_rows_in.contiguous();
   const int64_t n = hidden.size(0), vocab = lm_weight_in.size(0), h = hidden.size(1);
-  const int64_t n_text = check_indices(labels, visual_rows, n, vocab, ignore_index);
+  HL_CHECK(text_count >= -1 && text_count <= n, "text_count must be -1 (count here) or in [0, ", n,
+           "], got ", text_count);
+  const int64_t n_text =
+      text_count >= 0 ? text_count : check_indices(labels, visual_rows, n, vocab, ignore_index);
   const int64_t n_visual = visual_rows.size(0);
 
   // CPU math runs in fp32 throughout; CUDA keeps the input dtype for the GEMMs (cuBLAS

@@ -18,7 +18,7 @@ TORCH_LIBRARY(vpit_fast, m) {
         "int out_w, bool normalize) -> Tensor");
   m.def("head_loss(Tensor hidden, Tensor lm_weight, Tensor labels, Tensor visual_rows, "
         "Tensor visual_targets, Tensor[] vision_params, float text_weight, float visual_weight, "
-        "int ignore_index, bool sum_reduction, int max_chunk_bytes, bool need_grads) -> "
+        "int ignore_index, bool sum_reduction, int max_chunk_bytes, bool need_grads, int text_count=-1) -> "
         "(Tensor losses, Tensor counts, Tensor grad_hidden, Tensor grad_lm_weight, "
         "Tensor[] grad_vision_params)");
   m.def("scale_(Tensor(a!) t, Tensor factor) -> ()");

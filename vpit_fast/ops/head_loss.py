@@ -17,7 +17,7 @@ if _extension._C is not None:
 
     @torch.library.register_fake(_OP)
     def _(hidden, lm_weight, labels, visual_rows, visual_targets, vision_params, text_weight,
-          visual_weight, ignore_index, sum_reduction, max_chunk_bytes, need_grads):
+          visual_weight, ignore_index, sum_reduction, max_chunk_bytes, need_grads, text_count=-1):
         losses = hidden.new_empty((3,), dtype=torch.float32)
         counts = hidden.new_empty((2,), dtype=torch.int64)
         if not need_grads:
@@ -40,10 +40,12 @@ if _extension._C is not None:
         if ctx.grads is None:
             raise RuntimeError(_TWICE)
         grads, ctx.grads = ctx.grads, None
+        # one gradient per argument of the call: a text_count left at its default may not be one
+        num_args = len(ctx.needs_input_grad)
         if grads[0].numel() == 0 and grads[1].numel() == 0:
-            return (None,) * 12
+            return (None,) * num_args
         grad_hidden, grad_lm, grad_vision = _scaled_gradients(grad_losses, grads, ctx.vision_dtypes)
-        return (grad_hidden, grad_lm, None, None, None, grad_vision, None, None, None, None, None, None)
+        return (grad_hidden, grad_lm, None, None, None, grad_vision) + (None,) * (num_args - 6)
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 
@@ -191,7 +193,7 @@ def _check_indices(labels, visual_rows, n, vocab, ignore_index):
 
 def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, *,
               text_weight=1.0, visual_weight=1.0, ignore_index=-100, reduction="mean",
-              impl="auto", max_chunk_bytes=None):
+              impl="auto", max_chunk_bytes=None, text_count=None):
     """Response-only VPiT loss: LM head + cross-entropy on text rows, vision head + cosine on
     visual rows, fused so that prompt rows cost nothing and the logits never exist for all rows.
 
@@ -212,6 +214,11 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
         impl: ``"auto"`` (compiled CPU/CUDA op) or ``"torch"`` (the plain-PyTorch reference).
         max_chunk_bytes: bound on what one chunk of text rows holds: its logits, hidden rows and
             hidden-gradient rows (default 512 MiB).
+        text_count: the number of rows with a text target, when the caller counted it on the host
+            and has already checked ``labels`` and ``visual_rows`` there (as
+            `VPiTModel.batch_inputs` does): the op then skips its index checks and the one
+            device-to-host read they cost (a GPU stall per call). A wrong count gives a wrong
+            loss. None: checked and counted by the op.
 
     Returns:
         `HeadLoss(loss, text_loss, visual_loss, text_count, visual_count)`: float32 scalars and
@@ -230,7 +237,7 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
             return head_loss(hidden.to(dtype), lm_weight.to(dtype), labels, visual_rows, visual_targets.to(dtype),
                              vision_head, text_weight=text_weight, visual_weight=visual_weight,
                              ignore_index=ignore_index, reduction=reduction, impl=impl,
-                             max_chunk_bytes=max_chunk_bytes)
+                             max_chunk_bytes=max_chunk_bytes, text_count=text_count)
     if vision_head is None:  # text only: a frozen one-feature head that no row uses
         if isinstance(visual_rows, torch.Tensor) and visual_rows.numel():
             raise ValueError("vision_head is None but visual_rows is not empty")
@@ -251,8 +258,13 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
     chunk = DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
     if chunk <= 0:
         raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
+    if text_count is not None and (isinstance(text_count, bool) or not isinstance(text_count, int)
+                                   or not 0 <= text_count <= hidden.shape[0]):
+        raise ValueError(f"text_count must be None or an int in [0, {hidden.shape[0]}] (rows with a text "
+                         f"target), got {text_count!r}")
     args = (hidden, lm_weight, labels, visual_rows, visual_targets, params, float(text_weight),
-            float(visual_weight), int(ignore_index), reduction == "sum", chunk, need_grads)
+            float(visual_weight), int(ignore_index), reduction == "sum", chunk, need_grads,
+            -1 if text_count is None else text_count)
     if torch.compiler.is_compiling():
         losses, counts, *_ = torch.ops.vpit_fast.head_loss(*args)
     else:
