@@ -14,7 +14,7 @@ random weights, forward + backward + optimizer step on one GPU.
   token count, so their dynamic-shape code is timed, as in training) or as padded ``[rows, 4096]``
   (the ``-padded`` cases); ``-accumulate2`` / ``-accumulate4``: two or four 8-row micro-batches
   per optimizer step, as `vpit-train`'s gradient accumulation runs (the optimizer's fixed cost
-  spread over more tokens); ``-fused-norms``: `vpit-train`'s ``fused_norms=true`` (residual adds
+  spread over more tokens; since session 16 the gradients summed in fp32, `Fp32GradSum`); ``-fused-norms``: `vpit-train`'s ``fused_norms=true`` (residual adds
   folded into the norms, the one-pass RMSNorm backward of `vpit_fast.ops.rms_norm`).
 - official style: HF LLaMA with SDPA on padded batches (one sample per row), the input embeddings
   assembled by a Python loop over images, logits for every position upcast to fp32, a separate
@@ -149,6 +149,7 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate, fused_n
     from vpit_fast import interpolate_tokens
     from vpit_fast.data import collate_packed, flatten_packed, pack
     from vpit_fast.model import VPiTModel
+    from vpit_fast.train.grad_accum import Fp32GradSum
     from vpit_fast.train.master_adamw import MasterWeightAdamW
     from vpit_fast.train.optim import param_groups
 
@@ -184,11 +185,18 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate, fused_n
     # ``accumulate`` micro-batches per optimizer step, as vpit-train's gradient accumulation runs
     micro_batches = [micro_batch(seed) for seed in range(accumulate)]
 
+    # vpit-train sums the micro-batches' bf16 gradients in fp32 (fp32_grad_accum)
+    fp32_sum = Fp32GradSum(model.parameters()) if accumulate > 1 else None
+
     def step():
-        for batch, raw_in_order, _ in micro_batches:
+        for n, (batch, raw_in_order, _) in enumerate(micro_batches):
             tokens = interpolate_tokens(raw_in_order, out_size=8)
             out = model(**batch, visual_tokens=tokens)
             out.loss.backward()
+            if fp32_sum is not None and n == len(micro_batches) - 1:
+                fp32_sum.finish()
+            elif fp32_sum is not None:
+                fp32_sum.fold()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

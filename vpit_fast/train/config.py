@@ -111,7 +111,9 @@ class TrainConfig:
     false writes no checkpoint and no export (throughput runs, where an 8B model's optimizer state
     would put over 100 GB on disk); the metrics and the plot are still written. fused_norms: LLaMA
     models fold each residual add into the next RMSNorm (`vpit_fast.packed_llama`; off until its
-    CUDA kernel has run on a GPU)."""
+    CUDA kernel has run on a GPU). fp32_grad_accum: with bf16 parameters on one GPU and
+    grad_accum > 1, the micro-batches' gradients are summed in fp32 (`vpit_fast.train.grad_accum`),
+    not in bf16 by autograd."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -130,6 +132,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     fused_norms: bool = False
+    fp32_grad_accum: bool = True
     evaluate: bool = True
     progress: bool = True
 

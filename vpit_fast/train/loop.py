@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from vpit_fast.train import checkpoint as ckpt
 from vpit_fast.train.config import PRESETS, resolve_config
+from vpit_fast.train.grad_accum import Fp32GradSum
 from vpit_fast.train.metrics import (GpuMonitor, MetricsLogger, VPiTFlops, batch_rows, format_postfix, mfu,
                                      peak_flops_for_device, peak_memory_per_rank, plot_losses, progress_bar)
 from vpit_fast.train.optim import build_optimizer, build_scheduler
@@ -248,13 +249,21 @@ def train_step(model, micro_batches, config, runtime):
     text_w = model.config.text_weight * scale / max(text_total, 1.0)
     visual_w = model.config.visual_weight * scale / max(visual_total, 1.0)
     sums = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    # bf16 parameters without FSDP: the micro-batches' gradients are summed in fp32
+    fp32_sum = (Fp32GradSum(model.parameters())
+                if len(micro_batches) > 1 and not runtime.fsdp and config.fp32_grad_accum else None)
     for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         if runtime.fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            model.set_requires_gradient_sync(last)
         out = model(**VPiTModel.batch_inputs(batch, runtime.device), reduction="sum",
                     text_weight=text_w, visual_weight=visual_w)
         out.loss.backward()
         sums += torch.stack([out.text_loss, out.visual_loss]).double()
+        if fp32_sum is not None and last:
+            fp32_sum.finish()
+        elif fp32_sum is not None:
+            fp32_sum.fold()
     return sums / torch.tensor([max(text_total, 1.0), max(visual_total, 1.0)], dtype=torch.float64,
                                device=runtime.device)
 
