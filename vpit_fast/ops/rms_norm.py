@@ -12,6 +12,8 @@ their sum through the norm plus the weight gradient, reading each row once. Comp
 norm's backward, the residual add and the weight gradient's column sum read the rows again.
 """
 
+import warnings
+
 import torch
 
 from vpit_fast import _extension
@@ -55,13 +57,20 @@ _compiled_forward = None
 
 def _forward_fused(x, delta, weight, eps):
     """`_forward` as one kernel on CUDA when called eagerly (the final norm after the compiled
-    blocks): eager, it is seven passes with fp32 temporaries. Inside torch.compile it is traced."""
+    blocks): eager, it is seven passes with fp32 temporaries. Inside torch.compile it is traced.
+    Where torch.compile cannot build it (no Triton, say), eager from then on, with a warning."""
     global _compiled_forward
-    if x.device.type != "cuda" or torch.compiler.is_compiling():
+    if x.device.type != "cuda" or torch.compiler.is_compiling() or _compiled_forward is _forward:
         return _forward(x, delta, weight, eps)
     if _compiled_forward is None:
         _compiled_forward = torch.compile(_forward, dynamic=True)
-    return _compiled_forward(x, delta, weight, eps)
+    try:
+        return _compiled_forward(x, delta, weight, eps)
+    except Exception as error:  # noqa: BLE001 - an optional speed-up; the eager path computes the same
+        warnings.warn(f"add_rms_norm: torch.compile failed ({type(error).__name__}: {error}); running the "
+                      "forward eagerly", RuntimeWarning, stacklevel=2)
+        _compiled_forward = _forward
+        return _forward(x, delta, weight, eps)
 
 
 class _AddRMSNorm(torch.autograd.Function):
