@@ -504,3 +504,29 @@ def test_peak_memory_per_rank_reads_this_process_on_one_gpu():
     held = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     peaks = metrics.peak_memory_per_rank("cuda")
     assert len(peaks) == 1 and peaks[0] >= held.numel() / 2**30
+
+
+def test_compile_mode_reaches_torch_compile_and_is_checked(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vpit_fast.train import parallel
+    from vpit_fast.train.config import resolve_config
+    from vpit_fast.train.overrides import ConfigError
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                    num_hidden_layers=2, vocab_size=64))
+
+    modes = []
+    monkeypatch.setattr(parallel.torch, "compile", lambda block, **kwargs: modes.append(kwargs["mode"]) or block)
+    parallel.apply_compile(Holder())
+    parallel.apply_compile(Holder(), "max-autotune-no-cudagraphs")
+    assert modes == [None, None, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        parallel.apply_compile(Holder(), "reduce-overhead")
+    assert resolve_config("tiny", overrides=["compile_mode=max-autotune-no-cudagraphs"]).compile_mode == \
+        "max-autotune-no-cudagraphs"
+    with pytest.raises((ValueError, ConfigError), match="compile_mode must be one of"):
+        resolve_config("tiny", overrides=["compile_mode=reduce-overhead"])

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 
 from vpit_fast.train.overrides import apply_overrides, load_yaml_into
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile's, for the decoder blocks
+
 __all__ = ["DataConfig", "ModelConfig", "OptimConfig", "PRESETS", "TrainConfig", "resolve_config"]
 
 
@@ -111,7 +113,9 @@ class TrainConfig:
     false writes no checkpoint and no export (throughput runs, where an 8B model's optimizer state
     would put over 100 GB on disk); the metrics and the plot are still written. fused_norms: LLaMA
     models fold each residual add into the next RMSNorm (`vpit_fast.packed_llama`; off until its
-    CUDA kernel has run on a GPU). fp32_grad_accum: with bf16 parameters on one GPU and
+    CUDA kernel has run on a GPU). compile_mode: torch.compile's mode for the blocks
+    (`vpit_fast.train.parallel.apply_compile`; not yet measured on a GPU beyond "default").
+    fp32_grad_accum: with bf16 parameters on one GPU and
     grad_accum > 1, the micro-batches' gradients are summed in fp32 (`vpit_fast.train.grad_accum`),
     not in bf16 by autograd."""
 
@@ -131,6 +135,7 @@ class TrainConfig:
     save: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     fused_norms: bool = False
     fp32_grad_accum: bool = True
     evaluate: bool = True
@@ -139,9 +144,10 @@ class TrainConfig:
     def validate(self):
         choices = {"stage": ("stage1", "stage2", "full"), "optim.decay": ("cosine", "linear", "constant"),
                    "data.on_error": ("skip", "raise"), "model.vision_head": ("linear", "mlp"),
-                   "model.dtype": ("bfloat16", "float32")}
+                   "model.dtype": ("bfloat16", "float32"), "compile_mode": COMPILE_MODES}
         values = {"stage": self.stage, "optim.decay": self.optim.decay, "data.on_error": self.data.on_error,
-                  "model.vision_head": self.model.vision_head, "model.dtype": self.model.dtype}
+                  "model.vision_head": self.model.vision_head, "model.dtype": self.model.dtype,
+                  "compile_mode": self.compile_mode}
         for key, allowed in choices.items():
             if values[key] not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {values[key]!r}")

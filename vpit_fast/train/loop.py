@@ -341,7 +341,7 @@ def train(config):
     if config.activation_checkpointing:
         apply_activation_checkpointing(model)
     if config.compile:
-        apply_compile(model)
+        apply_compile(model, config.compile_mode)
     if runtime.fsdp:
         model.to(runtime.device)
         if model.visual is not None:

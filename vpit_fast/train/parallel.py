@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vpit_fast.train.config import COMPILE_MODES
+
 __all__ = ["Runtime", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "eager_blocks", "setup_runtime"]
 
 
@@ -80,11 +82,16 @@ def apply_activation_checkpointing(model):
         layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(model):
-    """torch.compile per decoder block (same code, one graph reused by every block)."""
+def apply_compile(model, mode="default"):
+    """torch.compile per decoder block (same code, one graph reused by every block). mode:
+    ``"default"``, or ``"max-autotune-no-cudagraphs"`` (Inductor times Triton GEMM templates against
+    cuBLAS and may fuse the pointwise ops after a GEMM into it; minutes of compiling; no CUDA
+    graphs, which the changing batch shapes would re-record)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     layers = decoder_layers(model)
     for i, block in enumerate(layers):
-        layers[i] = torch.compile(block, fullgraph=False)
+        layers[i] = torch.compile(block, fullgraph=False, mode=None if mode == "default" else mode)
 
 
 @contextlib.contextmanager
