@@ -346,9 +346,11 @@ class VPiTModel(nn.Module):
 
     def _host_text_count(self, host_targets, image_is_target, T):
         """The number of text targets, counted on the host copies of the labels and image slots
-        when they show every target valid (what the head loss would otherwise check on the device,
-        through one device-to-host read); None when there are no host copies or something is
-        invalid (the head loss then checks, and raises its clear error)."""
+        once `check_indices` (the head loss's own checks, which on the GPU cost it a device read)
+        passes there; None when there are no host copies or something is invalid (the head loss
+        then checks, and raises its clear error)."""
+        from vpit_fast.ops.head_loss import check_indices
+
         if not host_targets:
             return None
 
@@ -358,27 +360,24 @@ class VPiTModel(nn.Module):
         labels, slots, rows_of = (host_targets.get(k) for k in ("labels", "image_slots", "image_batch_index"))
         if not on_host(labels) or labels.dim() != 2 or labels.shape[1] != T:
             return None
-        next_labels = labels[:, 1:]
-        is_text = next_labels != IGNORE_INDEX
-        if bool((is_text & ((next_labels < 0) | (next_labels >= self.heads.lm_head.weight.shape[0]))).any()):
-            return None
+        next_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        rows = torch.zeros(0, dtype=torch.int64)
         if image_is_target is not None and image_is_target.numel():
             if not (on_host(slots) and on_host(rows_of) and on_host(image_is_target)
                     and slots.shape == rows_of.shape == image_is_target.shape):
                 return None
             target = image_is_target.bool()
-            n = self.config.num_visual_tokens
             first, row = slots[target], rows_of[target]
-            if bool(((first < 1) | (first + n > T) | (row < 0) | (row >= labels.shape[0])).any()):
+            # each image inside its own row, as `loss` builds the visual rows
+            if bool(((first < 1) | (first + self.config.num_visual_tokens > T) | (row < 0)
+                     | (row >= labels.shape[0])).any()):
                 return None
-            # visual row r = row * T + slot - 1 + k has the label at r + 1 (a slot) as its text
-            # label, which must be ignore_index; and no row twice
-            slot_positions = ((row * T + first)[:, None] + torch.arange(n)).reshape(-1)
-            if slot_positions.unique().numel() != slot_positions.numel():
-                return None
-            if bool((labels.reshape(-1)[slot_positions] != IGNORE_INDEX).any()):
-                return None
-        return int(is_text.sum())
+            rows = (self._slot_positions(first, row, T) - 1).reshape(-1)
+        try:
+            check_indices(next_labels, rows, next_labels.numel(), self.heads.lm_head.weight.shape[0], IGNORE_INDEX)
+        except ValueError:
+            return None
+        return int((next_labels != IGNORE_INDEX).sum())
 
     def _visual_tokens(self, pixel_values, visual_tokens, image_slots, image_batch_index, image_is_target, T):
         n, Dv = self.config.num_visual_tokens, self.config.visual_dim

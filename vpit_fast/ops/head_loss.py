@@ -176,8 +176,10 @@ def _check(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, 
     return params
 
 
-def _check_indices(labels, visual_rows, n, vocab, ignore_index):
-    """The data-dependent checks, for impl="torch" (the compiled op makes them itself)."""
+def check_indices(labels, visual_rows, n, vocab, ignore_index):
+    """The data-dependent checks of `head_loss` (ValueError naming what is wrong): for impl="torch",
+    and for callers that check on the host before passing ``text_count`` (the compiled op makes
+    them itself otherwise)."""
     is_text = labels != ignore_index
     if bool((is_text & ((labels < 0) | (labels >= vocab))).any()):
         raise ValueError(f"labels holds values outside [0, {vocab}) that are not ignore_index ({ignore_index})")
@@ -247,7 +249,7 @@ def head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_hea
                 visual_targets = hidden.new_zeros(0, 1)
     params = _check(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head, reduction, impl)
     if impl == "torch":
-        _check_indices(labels, visual_rows, hidden.shape[0], lm_weight.shape[0], ignore_index)
+        check_indices(labels, visual_rows, hidden.shape[0], lm_weight.shape[0], ignore_index)
         return reference.head_loss(hidden, lm_weight, labels, visual_rows, visual_targets, vision_head,
                                    text_weight, visual_weight, ignore_index, reduction)
     if hidden.device.type not in ("cpu", "cuda"):
