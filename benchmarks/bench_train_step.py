@@ -193,10 +193,8 @@ def test_ours(benchmark, setup, compiled, rows, adamw, flat, accumulate, fused_n
             tokens = interpolate_tokens(raw_in_order, out_size=8)
             out = model(**batch, visual_tokens=tokens)
             out.loss.backward()
-            if fp32_sum is not None and n == len(micro_batches) - 1:
-                fp32_sum.finish()
-            elif fp32_sum is not None:
-                fp32_sum.fold()
+            if fp32_sum is not None:
+                fp32_sum.collect(last=n == len(micro_batches) - 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -12,10 +12,8 @@ def _accumulate(params, grads_per_micro_batch, fp32):
     for n, grads in enumerate(grads_per_micro_batch):
         loss = sum((p * g).sum() for p, g in zip(params, grads) if g is not None)
         loss.backward()
-        if summer is not None and n == len(grads_per_micro_batch) - 1:
-            summer.finish()
-        elif summer is not None:
-            summer.fold()
+        if summer is not None:
+            summer.collect(last=n == len(grads_per_micro_batch) - 1)
 
 
 def test_small_gradients_are_not_lost_against_a_large_sum():

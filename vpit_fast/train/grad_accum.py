@@ -12,24 +12,29 @@ Cost per element and micro-batch after the first: one bf16 read plus an fp32 rea
 step.
 """
 
-import torch
+from vpit_fast.train.master_adamw import LOW_PRECISION
 
 __all__ = ["Fp32GradSum"]
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class Fp32GradSum:
     """Sums the ``.grad`` of the low-precision parameters among ``params`` in fp32.
 
-    After each micro-batch's backward but the last call `fold` (the gradients move into fp32
-    sums and ``.grad`` is released); after the last one call `finish` (``.grad`` becomes the
-    whole sum, rounded once to the parameter's dtype). fp32 parameters are left to autograd.
+    After each micro-batch's backward call `collect` (``last=True`` after the step's last one):
+    before the last, the gradients move into the fp32 sums and ``.grad`` is released (`fold`);
+    after it, ``.grad`` becomes the whole sum rounded once to the parameter's dtype (`finish`).
+    fp32 parameters are left to autograd.
     """
 
     def __init__(self, params):
         self.params = [p for p in params if p.requires_grad and p.dtype in LOW_PRECISION]
         self.sums = {}
+
+    def collect(self, last):
+        if last:
+            self.finish()
+        else:
+            self.fold()
 
     def fold(self):
         for p in self.params:

@@ -260,10 +260,8 @@ def train_step(model, micro_batches, config, runtime):
                     text_weight=text_w, visual_weight=visual_w)
         out.loss.backward()
         sums += torch.stack([out.text_loss, out.visual_loss]).double()
-        if fp32_sum is not None and last:
-            fp32_sum.finish()
-        elif fp32_sum is not None:
-            fp32_sum.fold()
+        if fp32_sum is not None:
+            fp32_sum.collect(last)
     return sums / torch.tensor([max(text_total, 1.0), max(visual_total, 1.0)], dtype=torch.float64,
                                device=runtime.device)
 
